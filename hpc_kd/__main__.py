@@ -1,0 +1,3 @@
+from .launch import main
+import sys
+sys.exit(main())

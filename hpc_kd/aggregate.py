@@ -1,0 +1,133 @@
+"""Run folders -> one results table. ``python -m hpc_kd.aggregate results/<sweep>``
+
+A pure function of what is on disk: ``sweep.json`` (written by the launcher: the cells and the
+stage chain of each) and each stage's ``result.json`` / ``error.json``. Stages that have not
+finished appear with their state, never silently dropped. Writes ``table.md`` (also printed),
+``table.csv`` and ``table.parquet`` next to ``sweep.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+
+from .rundir import RunDir, read_json, write_atomic
+
+COLUMNS = ["role", "depth", "policy", "seed", "tutor_update", "val_acc", "val_macro_f1", "test_acc",
+           "teacher_share", "teacher_batches", "collapsed", "params", "state", "run"]
+
+STANDARD_AXES = ("student.layers", "distill.policy", "seed", "distill.tutor_update")
+
+
+def stage_state(root: Path, key: str, sweep: dict) -> str:
+    run = RunDir(root / "runs" / key)
+    if run.done():
+        return "done"
+    if (run.path / "error.json").is_file():
+        return "failed"
+    for need in sweep["stages"][key]["needs"]:
+        if stage_state(root, need, sweep) in ("failed", "blocked"):
+            return "blocked"
+    if run.checkpoint.exists() or (run.path / "config.json").exists():
+        return "started"
+    return "pending"
+
+
+def _row(root: Path, key: str, sweep: dict, extra: dict) -> dict:
+    info = sweep["stages"][key]
+    row = {c: None for c in COLUMNS}
+    row.update({"role": info["role"], "depth": info["layers"], "run": key, "state": stage_state(root, key, sweep)})
+    row.update(extra)
+    if row["state"] == "done":
+        res = RunDir(root / "runs" / key).result()
+        row["depth"] = res.get("layers", row["depth"])
+        row["val_acc"] = res["validation"]["accuracy"]
+        row["val_macro_f1"] = res["validation"]["macro_f1"]
+        row["test_acc"] = res["test"]["accuracy"] if "test" in res else None
+        row["collapsed"] = res["validation"]["collapsed"]
+        row["params"] = res.get("params")
+        sel = res.get("selection")
+        if sel:
+            row["teacher_share"] = sel["teacher_share"]
+            batches = sel["teacher_batches"] + sel["tutor_batches"] + sel["mixed_batches"]
+            row["teacher_batches"] = f"{sel['teacher_batches']}/{batches}"
+    return row
+
+
+def collect(root: str | Path) -> list[dict]:
+    """One row per shared teacher / tutor, then one per (cell, iteration) student."""
+    root = Path(root)
+    sweep = read_json(root / "sweep.json")
+    rows, seen = [], set()
+    for cell in sweep["cells"]:
+        for key in cell["chain"][:2]:
+            if key not in seen:
+                seen.add(key)
+                rows.append(_row(root, key, sweep, {}))
+    for cell in sweep["cells"]:
+        # grid axes that have no column of their own (tau, alpha, ...) get one, by last key part
+        axes = {k.rsplit(".", 1)[-1]: v for k, v in cell["values"].items() if k not in STANDARD_AXES}
+        for key in cell["chain"][2:]:
+            extra = {"policy": cell["policy"], "seed": cell["seed"], "tutor_update": cell["tutor_update"], **axes}
+            rows.append(_row(root, key, sweep, extra))
+    return rows
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "COLLAPSED" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def columns_of(rows: list[dict]) -> list[str]:
+    extra = [k for row in rows for k in row if k not in COLUMNS]
+    return COLUMNS[:-2] + list(dict.fromkeys(extra)) + COLUMNS[-2:]
+
+
+def to_markdown(rows: list[dict]) -> str:
+    cols = columns_of(rows)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(root: str | Path, rows: list[dict]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    markdown = to_markdown(rows)
+    write_atomic(root / "table.md", markdown)
+    cols = columns_of(rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(root / "table.csv", buf.getvalue())
+    table = pa.Table.from_pylist([{c: (None if row.get(c) is None else str(row[c]) if c in ("teacher_batches", "run", "state", "role", "policy", "tutor_update") else row.get(c)) for c in cols} for row in rows])
+    tmp = root / ".table.parquet.tmp"
+    pq.write_table(table, tmp)
+    tmp.replace(root / "table.parquet")
+    return markdown
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hpc_kd.aggregate", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", help="results/<sweep>, the folder holding sweep.json")
+    args = parser.parse_args(argv)
+    root = Path(args.sweep_dir)
+    if not (root / "sweep.json").is_file():
+        print(f"error: {root} holds no sweep.json (launch a sweep into it first)", file=sys.stderr)
+        return 2
+    print(write_tables(root, collect(root)), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

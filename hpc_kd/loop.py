@@ -1,0 +1,335 @@
+"""The one training loop. Fine-tuning, classic KD and TEID differ only in their :class:`Task`:
+where the targets come from (none, a teacher, a teacher and a tutor) and which loss applies.
+
+All mutable training state is one dict (models, optimisers, schedules, step, RNG, policy and
+early-stopping state, selection counts); the checkpoint is exactly that dict, so a run resumed
+from it ends bit-identical to an uninterrupted one on the same machine.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import losses
+from .config import TrainConfig
+from .data import Dataset, Encoded, eval_batches, train_batches
+from .metrics import classification_metrics
+from .models import save_model
+from .policies import Policy, Selection
+from .rundir import RunDir
+
+MODEL_INPUTS = ("input_ids", "attention_mask")
+
+
+class Trainee:
+    """A model being trained: AdamW (no decay on biases and LayerNorm), linear warm-up then
+    linear decay to zero over ``total_steps``, gradient clipping."""
+
+    def __init__(self, model, cfg: TrainConfig, total_steps: int):
+        self.model, self.cfg = model, cfg
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+        )
+        warmup = int(cfg.warmup_ratio * total_steps)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+
+    def step(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def forward(model, batch) -> torch.Tensor:
+    return model(**{k: batch[k] for k in MODEL_INPUTS}).logits
+
+
+class FrozenModel:
+    """Targets from a model in eval mode, without gradients (the teacher of Algorithms 1 and 2)."""
+
+    trainable = False
+
+    def __init__(self, model):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def logits(self, batch) -> torch.Tensor:
+        return forward(self.model, batch)
+
+
+class OnlineTutor:
+    """A tutor that keeps learning from the teacher (Algorithm 2, "update tutor U from teacher T").
+
+    As in the paper it is in evaluation mode (no dropout); its logits keep their graph so that,
+    when the teacher is selected, the KD step toward the teacher reuses the same forward pass.
+    """
+
+    trainable = True
+
+    def __init__(self, model, cfg: TrainConfig):
+        self.model, self.cfg, self.trainee = model.eval(), cfg, None
+
+    def start(self, total_steps: int) -> None:
+        """Build the optimiser once the run's length is known (its schedule spans the run)."""
+        self.trainee = Trainee(self.model, self.cfg, total_steps)
+
+    def logits(self, batch) -> torch.Tensor:
+        return forward(self.model, batch)
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.trainee.step(loss)
+
+
+@dataclass
+class Task:
+    """What a run learns from. No teacher: fine-tuning with CE. A teacher: classic KD. A teacher
+    and a tutor: TEID, with ``policy`` choosing the source per batch (or per example)."""
+
+    teacher: object | None = None
+    tutor: object | None = None
+    policy: Policy | None = None
+    tau: float = 1.0
+    alpha: float = 0.5
+    term: str = "kl"
+
+    @property
+    def kind(self) -> str:
+        return "finetune" if self.teacher is None else ("kd" if self.tutor is None else "teid")
+
+
+@dataclass
+class Progress:
+    """Counters that live in the checkpoint."""
+
+    epoch: int = 0
+    batch: int = 0  # batches done in the current epoch
+    step: int = 0
+    best_accuracy: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped: bool = False
+    metrics_lines: int = 0
+    window: list = field(default_factory=lambda: [0.0, 0])  # training loss sum, count since last log
+    selection: dict = field(default_factory=dict)  # this epoch's counts
+
+
+def _new_selection() -> dict:
+    return {"teacher_batches": 0, "tutor_batches": 0, "mixed_batches": 0, "teacher_weight": 0.0, "examples": 0}
+
+
+def evaluate(model, data: Encoded, batch_size: int, num_labels: int, device) -> dict:
+    was_training = model.training
+    model.eval()
+    preds = np.zeros(len(data), dtype=np.int64)
+    with torch.no_grad():
+        for index in eval_batches(data.lengths, batch_size):
+            batch = {k: v.to(device) for k, v in data.collate(index).items()}
+            preds[index] = forward(model, batch).argmax(-1).cpu().numpy()
+    model.train(was_training)
+    return classification_metrics(data.labels, preds, num_labels)
+
+
+class Trainer:
+    """Trains ``student`` on ``dataset`` for ``task``, writing into ``run``.
+
+    ``on_step(trainer, record)`` is called after every optimiser step (tests use it to inspect
+    or interrupt a run).
+    """
+
+    def __init__(self, run: RunDir, student, tokenizer, dataset: Dataset, task: Task, cfg: TrainConfig,
+                 seed: int, *, checkpoint_every: int = 50, log_every: int = 10, progress: bool = False,
+                 device: str = "cpu", on_step: Callable | None = None):
+        self.run, self.tokenizer, self.data, self.task, self.cfg, self.seed = run, tokenizer, dataset, task, cfg, seed
+        self.checkpoint_every, self.log_every, self.progress, self.device, self.on_step = (
+            checkpoint_every, log_every, progress, torch.device(device), on_step)
+        self.train_lengths = dataset.encoded["train"].lengths
+        self.batches_per_epoch = len(train_batches(self.train_lengths, cfg.batch_size, seed, 0))
+        self.total_steps = cfg.epochs * self.batches_per_epoch
+        torch.manual_seed(seed)
+        self.student = Trainee(student.to(self.device).train(), cfg, self.total_steps)
+        if task.tutor is not None and task.tutor.trainable:
+            task.tutor.start(self.total_steps)
+        self.p = Progress(selection=_new_selection())
+
+    # -- checkpoint: one dict ------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "student": self.student.state_dict(),
+            "progress": {k: v for k, v in vars(self.p).items()},
+            "rng": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self.task.tutor is not None and self.task.tutor.trainable:
+            state["tutor"] = self.task.tutor.trainee.state_dict()
+        if self.task.policy is not None:
+            state["policy"] = self.task.policy.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.p = Progress(**state["progress"])
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if "tutor" in state:
+            self.task.tutor.trainee.load_state_dict(state["tutor"])
+        if "policy" in state:
+            self.task.policy.load_state_dict(state["policy"])
+
+    def _checkpoint(self) -> None:
+        self.run.save_checkpoint(self.state_dict())
+
+    def _log(self, record: dict) -> None:
+        self.run.append_metrics(record)
+        self.p.metrics_lines += 1
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        state = self.run.load_checkpoint()
+        if state is not None:
+            self.load_state_dict(state)
+            self.run.truncate_metrics(self.p.metrics_lines)
+        else:
+            self.run.truncate_metrics(0)
+        started = time.time()
+        while not self.p.stopped and self.p.epoch < self.cfg.epochs:
+            self._train_epoch()
+            self._end_epoch()
+        return self._final(time.time() - started)
+
+    def _train_epoch(self) -> None:
+        from tqdm.auto import tqdm
+
+        train = self.data.encoded["train"]
+        batches = train_batches(self.train_lengths, self.cfg.batch_size, self.seed, self.p.epoch)
+        bar = tqdm(total=len(batches), initial=self.p.batch, disable=not self.progress, leave=False,
+                   desc=f"{self.run.path.name} epoch {self.p.epoch + 1}/{self.cfg.epochs}", unit="batch")
+        for index in batches[self.p.batch:]:
+            batch = {k: v.to(self.device) for k, v in train.collate(index).items()}
+            record = self._step(batch)
+            self.p.batch += 1
+            self.p.step += 1
+            self.p.window[0] += record["loss"]
+            self.p.window[1] += 1
+            if self.p.step % self.log_every == 0:
+                self._log({"type": "train", "epoch": self.p.epoch, "step": self.p.step,
+                           "loss": self.p.window[0] / self.p.window[1],
+                           "lr": self.student.scheduler.get_last_lr()[0]})
+                self.p.window = [0.0, 0]
+            if self.p.step % self.checkpoint_every == 0:
+                self._checkpoint()
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if self.on_step is not None:
+                self.on_step(self, record)
+        bar.close()
+
+    def _step(self, batch) -> dict:
+        """One optimiser step of the student (and, in TEID with an online tutor, maybe the tutor)."""
+        task, y = self.task, batch["labels"]
+        z_s = forward(self.student.model, batch)
+        record = {"step": self.p.step}
+        if task.teacher is None:  # fine-tuning
+            loss = losses.cross_entropy(z_s, y).mean()
+        else:
+            z_t = task.teacher.logits(batch)
+            l_t = losses.distillation_loss(z_s, z_t, y, task.tau, task.alpha, task.term)
+            if task.tutor is None:  # classic KD (Algorithm 1)
+                loss, w = l_t.mean(), torch.ones_like(l_t)
+            else:  # TEID (Algorithm 2)
+                z_u = task.tutor.logits(batch)
+                l_u = losses.distillation_loss(z_s, z_u.detach(), y, task.tau, task.alpha, task.term)
+                w = task.policy.select(Selection(l_t.detach(), l_u.detach(), z_s.detach(), z_t, z_u.detach(), y,
+                                                 self.p.step, self.total_steps)).to(l_t.dtype)
+                loss = (w * l_t + (1 - w) * l_u).mean()
+                record["tutor_updated"] = False
+                if task.tutor.trainable and float(w.sum()) > 0:
+                    # "Update tutor model U from teacher model T", on the examples the teacher won.
+                    l_ut = losses.distillation_loss(z_u, z_t, y, task.tau, task.alpha, task.term)
+                    task.tutor.update((w * l_ut).sum() / w.sum())
+                    record["tutor_updated"] = True
+            self._count(w)
+            record["teacher_weight"] = float(w.mean())
+        self.student.step(loss)
+        record["loss"] = float(loss.detach())
+        return record
+
+    def _count(self, w: torch.Tensor) -> None:
+        s = self.p.selection
+        if bool((w == 1).all()):
+            s["teacher_batches"] += 1
+        elif bool((w == 0).all()):
+            s["tutor_batches"] += 1
+        else:
+            s["mixed_batches"] += 1
+        s["teacher_weight"] += float(w.sum())
+        s["examples"] += int(w.numel())
+
+    def _end_epoch(self) -> None:
+        """Validate, keep the best model, early-stop, record the epoch, checkpoint."""
+        val = evaluate(self.student.model, self.data.encoded["validation"], self.cfg.eval_batch_size,
+                       self.data.num_labels, self.device)
+        improved = val["accuracy"] > self.p.best_accuracy
+        if improved:
+            self.p.best_accuracy, self.p.best_epoch, self.p.bad_epochs = val["accuracy"], self.p.epoch, 0
+            save_model(self.student.model, self.tokenizer, self.run.model)
+            if self.task.tutor is not None and self.task.tutor.trainable:
+                save_model(self.task.tutor.model, self.tokenizer, self.run.tutor)  # the tutor paired with it
+        else:
+            self.p.bad_epochs += 1
+        record = {"type": "epoch", "epoch": self.p.epoch, "step": self.p.step, "improved": improved,
+                  "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "val_collapsed": val["collapsed"]}
+        if self.task.teacher is not None:
+            record["selection"] = dict(self.p.selection)
+        self._log(record)
+        self.p.epoch += 1
+        self.p.batch = 0
+        self.p.selection = _new_selection()
+        self.p.stopped = self.p.bad_epochs >= self.cfg.patience
+        self._checkpoint()
+
+    def _final(self, seconds: float) -> dict:
+        from .models import load_classifier
+
+        best = load_classifier(self.run.model).to(self.device)
+        result = {"kind": self.task.kind, "best_epoch": self.p.best_epoch, "epochs_run": self.p.epoch,
+                  "steps": self.p.step, "train_seconds": round(seconds, 2)}
+        for split in ("validation", "test"):
+            if split in self.data.encoded:
+                result[split] = evaluate(best, self.data.encoded[split], self.cfg.eval_batch_size,
+                                         self.data.num_labels, self.device)
+        epochs = [m for m in self.run.metrics() if m["type"] == "epoch"]
+        if self.task.teacher is not None:
+            result["selection_per_epoch"] = [m["selection"] for m in epochs]
+            totals = {k: sum(e["selection"][k] for e in epochs) for k in _new_selection()}
+            totals["teacher_share"] = totals["teacher_weight"] / max(1, totals["examples"])
+            result["selection"] = totals
+        if self.run.tutor.exists():
+            tutor = load_classifier(self.run.tutor).to(self.device)
+            result["tutor_validation"] = evaluate(tutor, self.data.encoded["validation"], self.cfg.eval_batch_size,
+                                                  self.data.num_labels, self.device)
+        return result
