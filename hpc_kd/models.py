@@ -51,8 +51,16 @@ def load_pretrained(name: str, num_labels: int, seed: int):
     from transformers import AutoModelForSequenceClassification
 
     _quiet()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_pretrained(name), num_labels=num_labels, ignore_mismatched_sizes=True)
+    # Fresh even when the checkpoint already holds a classifier: a seeded re-initialisation.
     torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_pretrained(resolve_pretrained(name), num_labels=num_labels)
+    head = model.classifier
+    for module in head.modules() if isinstance(head, torch.nn.Module) else ():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data.normal_(0.0, model.config.initializer_range)
+            module.bias.data.zero_()
+    return model
 
 
 def load_classifier(path: str | Path):

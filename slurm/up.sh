@@ -15,10 +15,9 @@ T0=$SECONDS
 die() {
   echo "[slurm/up.sh] ERROR: $*" >&2
   local f
-  for f in "$LOGDIR"/*; do
-    [[ -s $f ]] || continue
+  for f in "$LOGDIR"/*.out; do
     echo "----- tail $f" >&2
-    tail -n 15 "$f" >&2
+    tail -n 8 "$f" >&2
   done
   echo "[slurm/up.sh] logs: $LOGDIR/" >&2
   exit 1
@@ -31,26 +30,34 @@ start() {
   if pid=$(pid_of "$name"); then log "$name already running (pid $pid)"; return; fi
   setsid "$@" </dev/null >>"$LOGDIR/$name.out" 2>&1 &
   echo $! >"$PIDDIR/$name.pid"
+  for _ in $(seq 50); do # until the background shell has exec'd into the daemon
+    pid_of "$name" >/dev/null && return
+    kill -0 $! 2>/dev/null || break
+    sleep 0.1
+  done
+  die "$name did not start"
 }
 
 # wait_until NAME WHAT CMD...: retry CMD until it succeeds; fail if NAME dies or on timeout.
 wait_until() {
-  local name=$1 what=$2 t0=$SECONDS
+  local name=$1 what=$2 t0=$SECONDS out
   shift 2
-  until "$@" >/dev/null 2>&1; do
+  until out=$("$@" 2>&1); do
     pid_of "$name" >/dev/null || die "$name exited while waiting for $what"
-    ((SECONDS - t0 < TIMEOUT)) || die "timed out after ${TIMEOUT}s waiting for $what"
+    ((SECONDS - t0 < TIMEOUT)) || die "timed out after ${TIMEOUT}s waiting for $what; '$*' said: $out"
     sleep 0.5
   done
 }
 
-# install FILE MODE OWNER: move $FILE.new into place; echo 'changed' if the content differs.
+# install_conf FILE MODE OWNER: move FILE.new into place; echo 'changed' if the content differs.
 install_conf() {
   if ! cmp -s "$1.new" "$1" 2>/dev/null; then echo changed; fi
   chmod "$2" "$1.new" && chown "$3" "$1.new" && mv "$1.new" "$1"
 }
 
 [[ $(id -u) == 0 ]] || { echo "[slurm/up.sh] ERROR: must run as root" >&2; exit 1; }
+[[ $NGPU =~ ^[1-9][0-9]*$ && ${HPC_KD_SLURM_CPUS:-1} =~ ^[1-9][0-9]*$ ]] ||
+  { echo "[slurm/up.sh] ERROR: HPC_KD_SLURM_GPUS/HPC_KD_SLURM_CPUS must be positive integers" >&2; exit 1; }
 
 # --- packages ---------------------------------------------------------------------------------
 PKGS=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
@@ -91,6 +98,7 @@ for kv in "${hw[@]}"; do
   esac
 done
 [[ ${node[0]} == NodeName=* ]] || die "unexpected 'slurmd -C' output: ${hw[*]}"
+NODE=${node[0]#NodeName=}
 if [[ -n ${HPC_KD_SLURM_CPUS:-} ]]; then
   node+=("CPUs=$HPC_KD_SLURM_CPUS" SocketsPerBoard=1 "CoresPerSocket=$HPC_KD_SLURM_CPUS" ThreadsPerCore=1)
   overrides=SlurmdParameters=config_overrides
@@ -127,7 +135,7 @@ JobAcctGatherType=jobacct_gather/none
 $overrides
 GresTypes=gpu
 ${node[*]} NodeAddr=127.0.0.1 Gres=gpu:$NGPU State=UNKNOWN
-PartitionName=debug Nodes=${node[0]#NodeName=} Default=YES MaxTime=INFINITE OverSubscribe=NO State=UP
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE OverSubscribe=NO State=UP
 EOF
 cat >"$ETC/gres.conf.new" <<EOF
 AutoDetect=off
@@ -149,7 +157,8 @@ EOF
 changed=$(install_conf "$ETC/slurm.conf" 644 root:root)$(install_conf "$ETC/gres.conf" 644 root:root)
 changed+=$(install_conf "$ETC/slurmdbd.conf" 600 slurm:slurm)
 if [[ -n $changed ]] && pid_of slurmctld >/dev/null; then
-  log "WARNING: configs changed while SLURM runs; run 'bash slurm/down.sh && bash slurm/up.sh' to apply"
+  log "configs changed while SLURM runs: restarting it"
+  bash "$(dirname "${BASH_SOURCE[0]}")/down.sh"
 fi
 
 # --- munge ------------------------------------------------------------------------------------
@@ -169,7 +178,7 @@ if [[ ! -d $STATE/mysql/mysql ]]; then
 fi
 start mariadbd /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$STATE/mysql" \
   --socket="$SOCK" --bind-address=127.0.0.1 --port="$DB_PORT" --pid-file="$STATE/mysqld/mariadb.pid" \
-  --log-error="$LOGDIR/mariadb.log" --innodb-lock-wait-timeout=900
+  --innodb-lock-wait-timeout=900
 wait_until mariadbd "MariaDB on $SOCK" mariadb-admin --no-defaults --socket="$SOCK" ping
 mariadb --no-defaults --socket="$SOCK" -uroot <<EOF || die "creating the slurm database failed"
 CREATE DATABASE IF NOT EXISTS slurm_acct_db;
@@ -185,8 +194,10 @@ wait_until slurmdbd "slurmdbd" sacctmgr -n list cluster
 start slurmctld /usr/sbin/slurmctld -D
 wait_until slurmctld "slurmctld" scontrol ping
 start slurmd /usr/sbin/slurmd -D
-NODE=${node[0]#NodeName=}
-node_ready() { [[ $(sinfo -h -N -n "$NODE" -o %t) =~ ^(idle|mix|alloc)$ ]]; }
+node_ready() { # prints state and reason, e.g. 'inval gres/gpu count reported lower than configured'
+  local s
+  s=$(sinfo -h -N -n "$NODE" -o '%t %E') && echo "$s" && [[ ${s%% *} =~ ^(idle|mix|alloc)$ ]]
+}
 wait_until slurmd "node $NODE to become idle" node_ready
 wait_until slurmctld "sacct to answer" sacct -n -X
 

@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny random-initialised BERT (hidden 32) with a small word-level vocabulary
+built from the embedded sentences, so the whole suite trains real models in seconds."""
+from __future__ import annotations
+
+import collections
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HPC_KD_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY_LAYERS = 4
+
+
+def build_tiny_model(path: Path, layers: int = TINY_LAYERS) -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from hpc_kd.data import load_splits
+    from hpc_kd.config import DataConfig
+
+    words = collections.Counter()
+    for text in load_splits(DataConfig())["train"].texts:
+        words.update(re.findall(r"\w+|[^\w\s]", text.lower()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w, _ in words.most_common(2000)]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "bert")
+
+
+def tiny_config(tiny_model: Path, root: Path, **sections) -> dict:
+    """A small experiment config (as plain data) on the embedded sentences with the tiny model."""
+    cfg = {
+        "name": "t",
+        "output_root": str(root),
+        "data": {"max_train_examples": 96, "max_eval_examples": 48, "max_length": 24},
+        "teacher": {"pretrained": str(tiny_model), "train": {"lr": 1e-3, "batch_size": 16, "epochs": 2}},
+        "tutor": {"layers": 3, "train": {"lr": 1e-3, "batch_size": 16, "epochs": 2}},
+        "student": {"layers": [2], "train": {"lr": 1e-3, "batch_size": 16, "epochs": 2, "patience": 2}},
+        "distill": {"policy": "min_loss", "tau": 2.0, "alpha": 0.5},
+        "run": {"progress": False, "checkpoint_every": 2, "log_every": 2},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg[key] = {**cfg.get(key, {}), **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path

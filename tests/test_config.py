@@ -1,0 +1,117 @@
+"""Every invalid config fails before work starts, with the key path and what is allowed; the
+command line turns it into one line on stderr and exit status 2, with no traceback."""
+import subprocess
+import sys
+
+import pytest
+
+from hpc_kd.config import ConfigError, ExperimentConfig, from_dict, load_experiment, parse_override
+from hpc_kd.plan import load_plan
+
+from .conftest import tiny_config, write_yaml
+
+
+def error_of(data):
+    with pytest.raises(ConfigError) as info:
+        from_dict(ExperimentConfig, data)
+    return info.value
+
+
+CASES = [
+    ({"distill": {"polcy": "min_loss"}}, "distill.polcy", "unknown key; allowed: policy, tau"),
+    ({"student": {"train": {"epochs": "three"}}}, "student.train.epochs", "expected an integer"),
+    ({"distill": {"tau": True}}, "distill.tau", "expected a number"),
+    ({"distill": {"policy": "best"}}, "distill.policy", "allowed: teacher, tutor, min_loss"),
+    ({"distill": {"loss": "cosine"}}, "distill.loss", "allowed: kl, mse"),
+    ({"data": {"source": "kaggle"}}, "data.source", "allowed: embedded, hf, local"),
+    ({"data": {"name": "imdb"}}, "data.name", "allowed: rotten_tomatoes"),
+    ({"student": {"layers": [5]}}, "student.layers", "smaller than its tutor"),
+    ({"student": {"layers": [4, 4]}}, "student.layers", "smaller than its tutor"),
+    ({"tutor": {"layers": 6}}, "tutor.layers", "smaller than its teacher (6 layers)"),
+    ({"teacher": {"layers": 3}, "tutor": {"layers": 3}, "student": {"layers": 2}}, "tutor.layers", "smaller than its teacher"),
+    ({"distill": {"tau": 0}}, "distill.tau", "must be > 0"),
+    ({"distill": {"tau": -1.5}}, "distill.tau", "must be > 0"),
+    ({"distill": {"alpha": 1.5}}, "distill.alpha", "must be in [0, 1]"),
+    ({"distill": {"alpha": -0.1}}, "distill.alpha", "must be in [0, 1]"),
+    ({"tutor": {"train": {"batch_size": 0}}}, "tutor.train.batch_size", "must be >= 1"),
+    ({"teacher": {"train": {"epochs": 0}}}, "teacher.train.epochs", "must be >= 1"),
+    ({"data": {"source": "local", "train_file": "/nope/train.csv", "validation_file": "/nope/v.csv"}},
+     "data.train_file", "file not found: /nope/train.csv"),
+    ({"data": {"source": "local"}}, "data.train_file", "required when source is 'local'"),
+    ({"teacher": {"pretrained": "/no/such/model"}}, "teacher.pretrained", "model folder not found"),
+    ({"data": "oops"}, "data", "expected a mapping"),
+    ({"run": {"device": "tpu"}}, "run.device", "allowed: auto, cpu, cuda"),
+]
+
+
+@pytest.mark.parametrize("data,key,message", CASES, ids=[c[1] + ":" + c[2][:20] for c in CASES])
+def test_invalid_configs_name_the_key(data, key, message):
+    err = error_of(data)
+    assert err.key == key
+    assert message in err.message
+
+
+def test_defaults_are_valid_and_frozen():
+    cfg = from_dict(ExperimentConfig, {})
+    assert cfg.student.layers == (4,) and cfg.tutor.layers == 5
+    with pytest.raises(Exception):
+        cfg.seed = 3  # frozen
+
+
+def test_scalars_coerced_where_natural():
+    cfg = from_dict(ExperimentConfig, {"student": {"layers": 3}, "teacher": {"train": {"lr": "2e-5"}}})
+    assert cfg.student.layers == (3,) and cfg.teacher.train.lr == 2e-5
+
+
+def test_overrides(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"distill": {"tau": 2.0}})
+    cfg = load_experiment(path, ["distill.alpha=0.25", "student.layers=[3, 2]", "seed=7"])
+    assert (cfg.distill.tau, cfg.distill.alpha, cfg.student.layers, cfg.seed) == (2.0, 0.25, (3, 2), 7)
+    assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+    with pytest.raises(ConfigError):
+        parse_override("no-equals-sign")
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path, ["distill.temperature=3"])
+    assert info.value.key == "distill.temperature"
+
+
+def test_grid_points_are_validated(tmp_path, tiny_model):
+    data = tiny_config(tiny_model, tmp_path, grid={"distill.policy": ["teacher", "nope"]})
+    with pytest.raises(ConfigError) as info:
+        load_plan(write_yaml(tmp_path / "s.yaml", data))
+    assert info.value.key == "distill.policy" and "allowed: teacher, tutor, min_loss" in info.value.message
+    data = tiny_config(tiny_model, tmp_path, grid={"distill.tau": 2.0})
+    with pytest.raises(ConfigError) as info:
+        load_plan(write_yaml(tmp_path / "s.yaml", data))
+    assert info.value.key == "grid.distill.tau"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("distill.policy=best", "config error: distill.policy: unknown policy 'best'; allowed: teacher, tutor, min_loss"),
+    ("distill.tau=0", "config error: distill.tau: must be > 0, got 0.0"),
+    ("student.layers=[9]", "config error: student.layers: each student must be smaller than its tutor"),
+    ("bogus=1", "config error: bogus: unknown key; allowed:"),
+])
+def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path, tiny_model, override, needle):
+    path = write_yaml(tmp_path / "s.yaml", tiny_config(tiny_model, tmp_path / "out"))
+    proc = subprocess.run([sys.executable, "-m", "hpc_kd.launch", str(path), override, "--executor", "local"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith(needle)
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_cli_missing_config_file(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hpc_kd.launch", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "config file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_yaml_cannot_construct_objects(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    assert "not valid YAML" in info.value.message

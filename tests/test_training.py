@@ -1,0 +1,208 @@
+"""End-to-end training on the tiny model: fine-tuning, KD, TEID, selection bookkeeping, resume,
+determinism and the iteration chain."""
+import hashlib
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from hpc_kd.config import ExperimentConfig, from_dict
+from hpc_kd.plan import build_plan
+from hpc_kd.stages import ModelRef
+
+from .conftest import tiny_config
+
+
+def make_plan(tiny_model, root, **sections):
+    cfg = from_dict(ExperimentConfig, tiny_config(tiny_model, root, **sections))
+    return build_plan([({}, cfg)])
+
+
+def run_all(plan, on_step=None):
+    results = {}
+    for key, stage in plan.stages.items():
+        results[key] = stage(plan.root, plan.run, on_step=on_step)
+    return results
+
+
+def strip_times(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "train_seconds"}
+
+
+def params_hash(model) -> str:
+    h = hashlib.sha1()
+    for p in model.parameters():
+        h.update(p.detach().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def teid_run(tiny_model, tmp_path_factory):
+    """One TEID (min_loss, online tutor) chain, recording per-step what happened to the tutor."""
+    plan = make_plan(tiny_model, tmp_path_factory.mktemp("teid"))
+    steps = []
+    state = {}
+
+    def hook(trainer, record):
+        tutor = trainer.task.tutor
+        if tutor is None:
+            return
+        now = params_hash(tutor.model)
+        steps.append({**record, "tutor_changed": now != state.get("last", state.setdefault("first", None))})
+        state["last"] = now
+
+    def first_hash_then_hook(trainer, record):
+        hook(trainer, record)
+
+    # Record the tutor's parameters before the TEID student's first step.
+    student_key = list(plan.stages)[-1]
+    for key, stage in plan.stages.items():
+        if key == student_key:
+            from hpc_kd.models import load_classifier
+            state["last"] = params_hash(load_classifier(stage.tutor.path(plan.root)))
+        stage(plan.root, plan.run, on_step=first_hash_then_hook if key == student_key else None)
+    return plan, steps
+
+
+def test_chain_produces_models_that_load_with_transformers(teid_run):
+    plan, _ = teid_run
+    for key, stage in plan.stages.items():
+        run = stage.run_dir(plan.root)
+        assert run.done() and (run.path / "config.json").is_file() and not run.checkpoint.exists()
+        model = AutoModelForSequenceClassification.from_pretrained(run.path / "model")
+        assert model.config.num_hidden_layers == run.result()["layers"]
+        config = json.loads((run.path / "config.json").read_text())
+        assert config["signature"] == stage.signature and config["key"] == key
+
+
+def test_teid_selection_counts_sum_to_batches(teid_run):
+    plan, steps = teid_run
+    student = list(plan.stages.values())[-1]
+    result = student.run_dir(plan.root).result()
+    assert result["kind"] == "teid"
+    per_epoch = result["selection_per_epoch"]
+    batches_per_epoch = -(-96 // 16)
+    assert len(per_epoch) == result["epochs_run"] == 2
+    for counts in per_epoch:
+        assert counts["teacher_batches"] + counts["tutor_batches"] + counts["mixed_batches"] == batches_per_epoch
+        assert counts["mixed_batches"] == 0  # min_loss decides per batch
+        assert counts["examples"] == 96
+    teacher_steps = sum(1 for s in steps if s["teacher_weight"] == 1.0)
+    assert result["selection"]["teacher_batches"] == teacher_steps
+    assert len(steps) == result["steps"] == 2 * batches_per_epoch
+
+
+def test_tutor_changes_only_when_the_teacher_is_selected(teid_run):
+    _, steps = teid_run
+    assert any(s["teacher_weight"] == 1.0 for s in steps) and any(s["teacher_weight"] == 0.0 for s in steps)
+    for s in steps:
+        assert s["tutor_updated"] == (s["teacher_weight"] == 1.0)
+        assert s["tutor_changed"] == s["tutor_updated"], s
+
+
+def test_online_tutor_is_saved_and_evaluated(teid_run):
+    plan, _ = teid_run
+    student = list(plan.stages.values())[-1]
+    run = student.run_dir(plan.root)
+    assert (run.path / "tutor" / "model.safetensors").is_file()
+    assert "tutor_validation" in run.result()
+
+
+def test_metrics_records(teid_run):
+    plan, _ = teid_run
+    student = list(plan.stages.values())[-1]
+    metrics = student.run_dir(plan.root).metrics()
+    epochs = [m for m in metrics if m["type"] == "epoch"]
+    assert [m["epoch"] for m in epochs] == [0, 1]
+    assert all("selection" in m and "val_accuracy" in m for m in epochs)
+    assert [m["step"] for m in metrics if m["type"] == "train"] == [2, 4, 6, 8, 10, 12]
+
+
+@pytest.mark.parametrize("policy,stop_after", [("min_loss", 7), ("teacher", 3)])
+def test_resume_after_interruption_gives_identical_metrics(tiny_model, tmp_path, policy, stop_after):
+    """Kill the student mid-epoch (after step 7 of 12, last checkpoint at step 6), resume, compare."""
+    sections = {"distill": {"policy": policy}}
+    ref_plan = make_plan(tiny_model, tmp_path / "ref", **sections)
+    reference = run_all(ref_plan)
+
+    plan = make_plan(tiny_model, tmp_path / "resumed", **sections)
+    *upstream, student_key = plan.stages
+    for key in upstream:
+        plan.stages[key](plan.root, plan.run)
+
+    class Killed(Exception):
+        pass
+
+    def kill(trainer, record):
+        if trainer.p.step == stop_after:
+            raise Killed
+
+    with pytest.raises(Killed):
+        plan.stages[student_key](plan.root, plan.run, on_step=kill)
+    run = plan.stages[student_key].run_dir(plan.root)
+    assert run.checkpoint.exists() and not run.done()
+    resumed = plan.stages[student_key](plan.root, plan.run)
+    assert strip_times(resumed) == strip_times(reference[student_key])
+    ref_run = ref_plan.stages[student_key].run_dir(ref_plan.root)
+    assert run.metrics() == ref_run.metrics()
+    assert (run.path / "model" / "model.safetensors").read_bytes() == (ref_run.path / "model" / "model.safetensors").read_bytes()
+
+
+def test_same_config_and_seed_give_the_same_metrics(tiny_model, tmp_path):
+    a = run_all(make_plan(tiny_model, tmp_path / "a", distill={"policy": "teacher"}))
+    b = run_all(make_plan(tiny_model, tmp_path / "b", distill={"policy": "teacher"}))
+    assert [strip_times(r) for r in a.values()] == [strip_times(r) for r in b.values()]
+    # another student seed reuses the teacher and tutor (their own seeds) but is another run
+    c = make_plan(tiny_model, tmp_path / "c", distill={"policy": "teacher"}, seed=1)
+    assert list(c.stages)[:2] == list(a)[:2] and list(c.stages)[2] != list(a)[2]
+
+
+def test_early_stopping_keeps_the_best_epoch(tiny_model, tmp_path):
+    # A vanishing learning rate: accuracy cannot improve after the first epoch -> stop at patience.
+    plan = make_plan(tiny_model, tmp_path, teacher={"train": {"lr": 1e-12, "batch_size": 16, "epochs": 5, "patience": 2}})
+    teacher = next(iter(plan.stages.values()))
+    result = teacher(plan.root, plan.run)
+    assert result["best_epoch"] == 0 and result["epochs_run"] == 3
+    epochs = [m for m in teacher.run_dir(plan.root).metrics() if m["type"] == "epoch"]
+    assert [m["improved"] for m in epochs] == [True, False, False]
+    assert result["validation"]["accuracy"] == epochs[0]["val_accuracy"]
+
+
+def test_iteration_chain_wiring(tiny_model, tmp_path):
+    plan = make_plan(tiny_model, tmp_path, student={"layers": [2, 1]})
+    teacher, tutor, s1, s2 = plan.stages.values()
+    assert s1.teacher == ModelRef(teacher.key) and s1.tutor == ModelRef(tutor.key)
+    # iteration 2: the (updated) tutor becomes the teacher, the student becomes the tutor
+    assert s2.teacher == ModelRef(s1.key, "tutor") and s2.tutor == ModelRef(s1.key)
+    assert (s1.layers, s2.layers, s2.iteration) == (2, 1, 2)
+    frozen = make_plan(tiny_model, tmp_path, student={"layers": [2, 1]}, distill={"tutor_update": "frozen"})
+    _, tutor_f, s1f, s2f = frozen.stages.values()
+    assert s2f.teacher == ModelRef(tutor_f.key) and s2f.tutor == ModelRef(s1f.key)
+    kd = make_plan(tiny_model, tmp_path, student={"layers": [2]}, distill={"policy": "teacher"})
+    assert list(kd.stages.values())[-1].tutor is None
+
+
+def test_signature_ignores_operational_settings(tiny_model, tmp_path):
+    a = make_plan(tiny_model, tmp_path, run={"checkpoint_every": 5, "progress": True})
+    b = make_plan(tiny_model, tmp_path / "x", run={"checkpoint_every": 7})
+    assert list(a.stages) == list(b.stages)
+    c = make_plan(tiny_model, tmp_path, distill={"tau": 3.0})
+    assert list(a.stages)[:1] == list(c.stages)[:1] and list(a.stages)[1:] != list(c.stages)[1:]
+
+
+def test_checkpoint_holds_no_pickled_objects(tiny_model, tmp_path):
+    plan = make_plan(tiny_model, tmp_path)
+    teacher = next(iter(plan.stages.values()))
+
+    class Stop(Exception):
+        pass
+
+    def stop(trainer, record):
+        if trainer.p.step == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        teacher(plan.root, plan.run, on_step=stop)
+    state = torch.load(teacher.run_dir(plan.root).checkpoint, weights_only=True)
+    assert state["progress"]["step"] == 2
