@@ -61,17 +61,19 @@ def collect(root: str | Path) -> list[dict]:
     root = Path(root)
     sweep = read_json(root / "sweep.json")
     rows, seen = [], set()
+    role = lambda key: sweep["stages"][key]["role"]  # noqa: E731
     for cell in sweep["cells"]:
-        for key in cell["chain"][:2]:
-            if key not in seen:
+        for key in cell["chain"]:
+            if role(key) in ("teacher", "tutor") and key not in seen:
                 seen.add(key)
                 rows.append(_row(root, key, sweep, {}))
     for cell in sweep["cells"]:
         # grid axes that have no column of their own (tau, alpha, ...) get one, by last key part
         axes = {k.rsplit(".", 1)[-1]: v for k, v in cell["values"].items() if k not in STANDARD_AXES}
-        for key in cell["chain"][2:]:
-            extra = {"policy": cell["policy"], "seed": cell["seed"], "tutor_update": cell["tutor_update"], **axes}
-            rows.append(_row(root, key, sweep, extra))
+        for key in cell["chain"]:
+            if role(key) == "student":
+                extra = {"policy": cell["policy"], "seed": cell["seed"], "tutor_update": cell["tutor_update"], **axes}
+                rows.append(_row(root, key, sweep, extra))
     return rows
 
 

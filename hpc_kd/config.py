@@ -166,8 +166,13 @@ class DistillConfig:
     alpha: float = 0.5
     #: distillation term: "kl" (Hinton KD) or "mse" (on logits).
     loss: str = "kl"
-    #: online: the tutor keeps learning from the teacher (the paper); frozen: it does not.
-    tutor_update: Literal["online", "frozen"] = "online"
+    #: online: the tutor keeps learning from the teacher and its logits are computed live (the
+    #: paper's Algorithm 2, hence the default); frozen: it does not learn, its logits come from a
+    #: cache; refresh: it learns, but its logits come from a cache rebuilt every epoch.
+    tutor_update: Literal["online", "frozen", "refresh"] = "online"
+    #: cache: the teacher's (and a frozen tutor's) logits are computed once and read back from
+    #: Parquet; live: every model runs forward on every batch, as in the paper.
+    targets: Literal["cache", "live"] = "cache"
 
     def __post_init__(self):
         from . import losses, policies  # registries live with the code they name
@@ -192,11 +197,13 @@ class RunConfig:
     log_every: int = 10
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = None
+    cache_rows_per_shard: int = 4096
 
     def __post_init__(self):
         _at_least(self, "checkpoint_every", 1)
         _at_least(self, "log_every", 1)
         _at_least(self, "threads", 1)
+        _at_least(self, "cache_rows_per_shard", 1)
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,18 @@ class FrozenModel:
         return forward(self.model, batch)
 
 
+class CachedLogits:
+    """Targets read by example id from a validated logit cache: no model is loaded at all."""
+
+    trainable = False
+
+    def __init__(self, cache, device):
+        self.cache, self.device = cache, device
+
+    def logits(self, batch) -> torch.Tensor:
+        return self.cache.logits(batch["example_ids"]).to(self.device)
+
+
 class OnlineTutor:
     """A tutor that keeps learning from the teacher (Algorithm 2, "update tutor U from teacher T").
 
@@ -88,6 +100,7 @@ class OnlineTutor:
     """
 
     trainable = True
+    live = True  # its selection logits come from the current weights
 
     def __init__(self, model, cfg: TrainConfig):
         self.model, self.cfg, self.trainee = model.eval(), cfg, None
@@ -101,6 +114,28 @@ class OnlineTutor:
 
     def update(self, loss: torch.Tensor) -> None:
         self.trainee.step(loss)
+
+
+class RefreshTutor(OnlineTutor):
+    """``tutor_update: refresh``: the tutor still learns from the teacher during the epoch, but the
+    student compares against the tutor's logits cached at the start of the epoch; the cache is
+    rebuilt at every epoch boundary (``make_cache(epoch)`` returns a LogitCache), so selection
+    costs no tutor forward pass and only teacher-selected batches run the tutor."""
+
+    live = False
+
+    def __init__(self, model, cfg: TrainConfig, make_cache, device):
+        super().__init__(model, cfg)
+        self.make_cache, self.device, self.cache = make_cache, device, None
+
+    def start_epoch(self, epoch: int) -> None:
+        self.cache = self.make_cache(epoch)
+
+    def logits(self, batch) -> torch.Tensor:
+        return self.cache.logits(batch["example_ids"]).to(self.device)
+
+    def live_logits(self, batch) -> torch.Tensor:
+        return forward(self.model, batch)
 
 
 @dataclass
@@ -226,6 +261,9 @@ class Trainer:
 
         train = self.data.encoded["train"]
         batches = train_batches(self.train_lengths, self.cfg.batch_size, self.seed, self.p.epoch)
+        for source in (self.task.teacher, self.task.tutor):
+            if hasattr(source, "start_epoch"):
+                source.start_epoch(self.p.epoch)
         bar = tqdm(total=len(batches), initial=self.p.batch, disable=not self.progress, leave=False,
                    desc=f"{self.run.path.name} epoch {self.p.epoch + 1}/{self.cfg.epochs}", unit="batch")
         for index in batches[self.p.batch:]:
@@ -269,7 +307,8 @@ class Trainer:
                 record["tutor_updated"] = False
                 if task.tutor.trainable and float(w.sum()) > 0:
                     # "Update tutor model U from teacher model T", on the examples the teacher won.
-                    l_ut = losses.distillation_loss(z_u, z_t, y, task.tau, task.alpha, task.term)
+                    z_live = z_u if task.tutor.live else task.tutor.live_logits(batch)
+                    l_ut = losses.distillation_loss(z_live, z_t, y, task.tau, task.alpha, task.term)
                     task.tutor.update((w * l_ut).sum() / w.sum())
                     record["tutor_updated"] = True
             self._count(w)

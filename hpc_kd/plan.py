@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .config import ConfigError, ExperimentConfig, RunConfig, from_dict, parse_override, read_yaml, set_dotted
 from .policies import POLICIES
-from .stages import Distill, FineTune, ModelRef, Stage
+from .stages import CacheLogits, Distill, FineTune, ModelRef, Stage
 
 
 @dataclass(frozen=True)
@@ -53,25 +53,40 @@ class Plan:
 def chain(cfg: ExperimentConfig) -> list[Stage]:
     """The stages of one cell, in dependency order."""
     d = cfg.distill
+    stages: list[Stage] = []
+    cached = d.targets == "cache"
+
+    def cache_of(ref: ModelRef) -> CacheLogits | None:
+        if not cached:
+            return None
+        stage = CacheLogits(cfg.data, ref)
+        stages.append(stage)
+        return stage
+
     teacher = FineTune(cfg.data, cfg.teacher.pretrained, cfg.teacher.layers, cfg.teacher.init,
                        cfg.teacher.seed, cfg.teacher.train)
-    tutor = Distill(cfg.data, ModelRef(teacher.key), None, ModelRef(teacher.key), cfg.tutor.layers, cfg.tutor.init,
-                    cfg.tutor.seed, cfg.tutor.train, "teacher", d.tau, d.alpha, d.loss, role="tutor")
-    stages: list[Stage] = [teacher, tutor]
-    teacher_ref, tutor_ref = ModelRef(teacher.key), ModelRef(tutor.key)
+    stages.append(teacher)
+    teacher_ref = ModelRef(teacher.key)
+    tutor = Distill(cfg.data, teacher_ref, None, teacher_ref, cfg.tutor.layers, cfg.tutor.init, cfg.tutor.seed,
+                    cfg.tutor.train, "teacher", d.tau, d.alpha, d.loss, teacher_cache=cache_of(teacher_ref), role="tutor")
+    stages.append(tutor)
+    tutor_ref = ModelRef(tutor.key)
     plain_kd = POLICIES[d.policy].teacher_only
-    online = d.tutor_update == "online" and not plain_kd
+    learning = d.tutor_update in ("online", "refresh") and not plain_kd
     for iteration, depth in enumerate(cfg.student.layers, start=1):
+        teacher_cache = cache_of(teacher_ref)
+        tutor_cache = cache_of(tutor_ref) if d.tutor_update == "frozen" and not plain_kd else None
         student = Distill(
             cfg.data, teacher_ref, None if plain_kd else tutor_ref, teacher_ref, depth, cfg.student.init, cfg.seed,
             cfg.student.train, d.policy, d.tau, d.alpha, d.loss,
             tutor_update=None if plain_kd else d.tutor_update,
-            tutor_train=cfg.tutor.train if online else None,
+            tutor_train=cfg.tutor.train if learning else None,
+            teacher_cache=teacher_cache, tutor_cache=tutor_cache,
             role="student", iteration=iteration,
         )
         stages.append(student)
         # Next iteration: the tutor becomes the teacher, the student becomes the tutor.
-        teacher_ref = ModelRef(student.key, "tutor") if online else tutor_ref
+        teacher_ref = ModelRef(student.key, "tutor") if learning else tutor_ref
         tutor_ref = ModelRef(student.key)
     return stages
 

@@ -57,7 +57,7 @@ class Stage:
         if run.done():
             return run.result()
         for ref in self.inputs():
-            if not (ref.path(root) / "config.json").is_file():
+            if not (Path(root) / "runs" / ref.stage / "result.json").is_file():
                 raise FileNotFoundError(f"{self.key} needs {ref.stage}/{ref.part}, which has not been produced")
         if run_cfg.threads:
             torch.set_num_threads(run_cfg.threads)
@@ -121,6 +121,66 @@ class FineTune(Stage):
 
 
 @dataclass(frozen=True)
+class CacheLogits(Stage):
+    """Run a frozen model over the training split once and store its logits as Parquet shards
+    (``logits/``, see :mod:`hpc_kd.cache`), so distillation never runs that model again."""
+
+    data: DataConfig
+    model: ModelRef
+    split: str = "train"
+    role: str = "cache"
+    kind = "cache"
+    depth = None
+
+    def inputs(self):
+        return [self.model]
+
+    def folder(self, root: Path) -> Path:
+        return self.run_dir(root).path / "logits"
+
+    def expected(self, root: Path, dataset) -> dict:
+        """The producer fingerprint a reader training on ``dataset`` requires."""
+        from .cache import producer
+
+        return producer(self.model.path(root), self.data.max_length, f"{self.data.source}:{self.data.name}",
+                        self.split, dataset.fingerprints[self.split])
+
+    def execute(self, root, run, run_cfg, on_step):
+        from .cache import write_cache
+        from .data import Dataset
+        from .models import depth, load_classifier, load_tokenizer
+
+        model_dir = self.model.path(root)
+        dataset = Dataset.build(self.data, load_tokenizer(str(model_dir)))
+        model = load_classifier(model_dir)
+        manifest = write_cache(self.folder(root), model, dataset.encoded[self.split], self.expected(root, dataset),
+                               self.data.num_labels, rows_per_shard=run_cfg.cache_rows_per_shard,
+                               device=_device(run_cfg), progress=_trainer_options(run_cfg, None)["progress"])
+        return {"kind": "cache", "rows": manifest["total_rows"], "shards": len(manifest["shards"]),
+                "bytes": manifest["bytes"], "producer": manifest["producer"], "layers": depth(model)}
+
+    def load(self, root: Path, dataset, run_cfg: RunConfig):
+        """The validated cache for ``dataset``. A cache that fails validation is rebuilt from its
+        producer (which is known: ``self.model``); a second failure stops the run."""
+        import shutil
+        import sys
+
+        from .cache import CacheError, LogitCache
+
+        expected = self.expected(root, dataset)
+        ids = dataset.encoded[self.split].ids
+        try:
+            return LogitCache.open(self.folder(root), expected, ids)
+        except CacheError as err:
+            print(f"[cache] {err}; rebuilding {self.key} from {self.model.stage}/{self.model.part}", file=sys.stderr)
+        run = self.run_dir(root)
+        (run.path / "result.json").unlink(missing_ok=True)
+        shutil.rmtree(self.folder(root), ignore_errors=True)
+        self(root, run_cfg)
+        return LogitCache.open(self.folder(root), expected, ids)
+
+
+@dataclass(frozen=True)
 class Distill(Stage):
     """Distil a ``layers``-deep model, initialised from layers of ``init_from``, from ``teacher``
     (classic KD, Algorithm 1) or from ``teacher`` and ``tutor`` under ``policy`` (TEID,
@@ -140,6 +200,9 @@ class Distill(Stage):
     loss: str
     tutor_update: str | None = None
     tutor_train: TrainConfig | None = None
+    #: logit caches to read targets from (None: run the model live, as in the paper)
+    teacher_cache: CacheLogits | None = None
+    tutor_cache: CacheLogits | None = None
     role: str = "student"
     iteration: int = 0
     kind = "distill"
@@ -149,11 +212,13 @@ class Distill(Stage):
         return self.layers
 
     def inputs(self):
-        return [r for r in (self.teacher, self.tutor, self.init_from) if r is not None]
+        refs = [self.teacher, self.tutor, self.init_from]
+        refs += [ModelRef(c.key, "logits") for c in (self.teacher_cache, self.tutor_cache) if c is not None]
+        return [r for r in refs if r is not None]
 
     def execute(self, root, run, run_cfg, on_step):
         from .data import Dataset
-        from .loop import FrozenModel, OnlineTutor, Task, Trainer
+        from .loop import CachedLogits, FrozenModel, OnlineTutor, RefreshTutor, Task, Trainer
         from .models import load_classifier, load_tokenizer, param_count, shrink
         from .policies import make_policy
 
@@ -161,16 +226,53 @@ class Distill(Stage):
         tokenizer = load_tokenizer(str(self.teacher.path(root)))
         dataset = Dataset.build(self.data, tokenizer)
         student = shrink(load_classifier(self.init_from.path(root)), self.layers, self.init, self.seed)
-        teacher = FrozenModel(load_classifier(self.teacher.path(root)).to(device))
+        if self.teacher_cache is not None:
+            teacher = CachedLogits(self.teacher_cache.load(root, dataset, run_cfg), device)
+        else:
+            teacher = FrozenModel(load_classifier(self.teacher.path(root)).to(device))
         tutor = None
-        if self.tutor is not None:
+        if self.tutor is not None and self.tutor_update == "frozen" and self.tutor_cache is not None:
+            tutor = CachedLogits(self.tutor_cache.load(root, dataset, run_cfg), device)
+        elif self.tutor is not None:
             tutor_model = load_classifier(self.tutor.path(root)).to(device)
-            tutor = OnlineTutor(tutor_model, self.tutor_train) if self.tutor_update == "online" else FrozenModel(tutor_model)
+            if self.tutor_update == "online":
+                tutor = OnlineTutor(tutor_model, self.tutor_train)
+            elif self.tutor_update == "refresh":
+                tutor = RefreshTutor(tutor_model, self.tutor_train, self._refresher(run, tutor_model, dataset, run_cfg), device)
+            else:
+                tutor = FrozenModel(tutor_model)
         task = Task(teacher, tutor, make_policy(self.policy), self.tau, self.alpha, self.loss)
         trainer = Trainer(run, student, tokenizer, dataset, task, self.train, self.seed,
                           **_trainer_options(run_cfg, on_step))
         result = trainer.fit()
-        result.update({"params": param_count(student), "policy": self.policy, "seed": self.seed,
+        result.update({"params": param_count(student), "policy": self.policy, "targets": "cache" if self.teacher_cache else "live", "seed": self.seed,
                        "tutor_update": self.tutor_update, "iteration": self.iteration,
                        "data_fingerprints": dataset.fingerprints})
         return result
+
+    def _refresher(self, run: RunDir, tutor_model, dataset, run_cfg: RunConfig):
+        """For ``tutor_update: refresh``: a function epoch -> the tutor's logit cache for that
+        epoch, built from the tutor as it stands at the epoch's start, kept in ``tutor_cache/``
+        so that a run resumed mid-epoch reads the same targets."""
+        import shutil
+
+        from .cache import CacheError, LogitCache, write_cache
+
+        def make(epoch: int):
+            folder = run.path / "tutor_cache" / f"epoch-{epoch:03d}"
+            prod = {"weights": f"{self.key}@epoch{epoch}", "tokenizer": "", "max_length": self.data.max_length,
+                    "dataset": self.data.name, "split": "train", "data": dataset.fingerprints["train"]}
+            ids = dataset.encoded["train"].ids
+            try:
+                return LogitCache.open(folder, prod, ids)
+            except CacheError:
+                pass
+            for old in (run.path / "tutor_cache").glob("epoch-*"):
+                if old != folder:
+                    shutil.rmtree(old, ignore_errors=True)
+            write_cache(folder, tutor_model, dataset.encoded["train"], prod, self.data.num_labels,
+                        rows_per_shard=run_cfg.cache_rows_per_shard, device=_device(run_cfg))
+            tutor_model.eval()
+            return LogitCache.open(folder, prod, ids)
+
+        return make

@@ -1,0 +1,213 @@
+"""Logit caches: a frozen model's logits over a split, in Parquet shards, read back by example id.
+
+Layout of a cache folder::
+
+    part-r000-00000.parquet   example_id: int64, logits: fixed_size_list<float32>[num_labels]
+    part-r000-00001.parquet   (sorted by id; rank r covers the r-th contiguous slice of sorted ids)
+    shards-r000.json          what rank r wrote (its shards' rows, id range and sha256)
+    manifest.json             written last, by rank 0: schema, producer fingerprint, every shard
+
+The producer fingerprint names what made the logits: the weights' hash, the tokeniser's hash,
+max length, dataset name, split and the split's content fingerprint. A reader passes the
+fingerprint it expects and the ids it will ask for; any difference, a missing or truncated
+shard, or a checksum mismatch raises :class:`CacheError`. Logits are never served unchecked.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .rundir import read_json, write_json
+
+CACHE_SCHEMA = 1
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+class CacheError(RuntimeError):
+    """A cache that cannot be trusted for the data being trained on."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_hash(model_dir: Path) -> str:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise CacheError(f"no safetensors weights in {model_dir}")
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()[:16]
+
+
+def tokenizer_hash(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = Path(model_dir) / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def producer(model_dir: Path, max_length: int, dataset: str, split: str, data_fingerprint: str) -> dict:
+    """The fingerprint of what produces a cache's logits."""
+    return {"weights": weights_hash(model_dir), "tokenizer": tokenizer_hash(model_dir), "max_length": max_length,
+            "dataset": dataset, "split": split, "data": data_fingerprint}
+
+
+def _shard_name(rank: int, index: int) -> str:
+    return f"part-r{rank:03d}-{index:05d}.parquet"
+
+
+def _read_shard(path: Path) -> pa.Table:
+    return pq.read_table(path)
+
+
+def _shard_ok(path: Path, ids: np.ndarray, fingerprint: str) -> bool:
+    """A shard left by an earlier attempt is kept when it is readable, made by the same producer
+    and holds exactly the ids it should (shards are renamed into place, so never half-written)."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        if meta.get(b"producer") != fingerprint.encode():
+            return False
+        got = _read_shard(path).column("example_id").to_numpy()
+        return np.array_equal(got, ids)
+    except Exception:
+        return False
+
+
+def _fingerprint_text(prod: dict) -> str:
+    return json.dumps(prod, sort_keys=True)
+
+
+@torch.no_grad()
+def write_rank(folder: Path, model, encoded, prod: dict, num_labels: int, *, rows_per_shard: int = 4096,
+               batch_size: int = 128, device="cpu", rank: int = 0, world_size: int = 1, progress: bool = False) -> list[dict]:
+    """Compute and write rank ``rank``'s shards (skipping valid ones from an earlier attempt)."""
+    from tqdm.auto import tqdm
+
+    from .data import eval_batches
+    from .loop import forward
+    from .rundir import write_atomic
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = model.eval().to(device)
+    order = np.argsort(encoded.ids, kind="stable")
+    mine = np.array_split(order, world_size)[rank]
+    fingerprint = _fingerprint_text(prod)
+    schema = pa.schema([("example_id", pa.int64()), ("logits", pa.list_(pa.float32(), num_labels))],
+                       metadata={"producer": fingerprint})
+    infos = []
+    chunks = [mine[i:i + rows_per_shard] for i in range(0, len(mine), rows_per_shard)]
+    bar = tqdm(total=len(mine), disable=not progress, leave=False, desc=f"cache {folder.parent.name} r{rank}", unit="ex")
+    for index, rows in enumerate(chunks):
+        path = folder / _shard_name(rank, index)
+        ids = encoded.ids[rows]
+        if not _shard_ok(path, ids, fingerprint):
+            logits = np.zeros((len(rows), num_labels), dtype=np.float32)
+            lengths = np.array([len(encoded.tokens[r]) for r in rows])
+            for local in eval_batches(lengths, batch_size):
+                batch = {k: v.to(device) for k, v in encoded.collate(rows[local]).items()}
+                logits[local] = forward(model, batch).float().cpu().numpy()
+            flat = pa.array(logits.reshape(-1), type=pa.float32())
+            table = pa.Table.from_arrays([pa.array(ids, type=pa.int64()), pa.FixedSizeListArray.from_arrays(flat, num_labels)],
+                                         schema=schema)
+            tmp = path.with_name("." + path.name + ".tmp")
+            pq.write_table(table, tmp)
+            tmp.replace(path)
+        infos.append({"file": path.name, "rank": rank, "rows": int(len(rows)), "sha256": file_sha256(path),
+                      "min_id": int(ids[0]), "max_id": int(ids[-1])})
+        bar.update(len(rows))
+    bar.close()
+    write_atomic(folder / f"shards-r{rank:03d}.json", json.dumps(infos))
+    return infos
+
+
+def finalize(folder: Path, prod: dict, num_labels: int, world_size: int = 1) -> dict:
+    """Rank 0, after every rank has written: one manifest covering every rank's shards."""
+    folder = Path(folder)
+    shards = []
+    for rank in range(world_size):
+        listing = folder / f"shards-r{rank:03d}.json"
+        if not listing.is_file():
+            raise CacheError(f"rank {rank} did not finish writing {folder}")
+        shards += json.loads(listing.read_text())
+    manifest = {"schema": CACHE_SCHEMA, "producer": prod, "num_labels": num_labels, "world_size": world_size,
+                "total_rows": sum(s["rows"] for s in shards), "shards": shards,
+                "bytes": sum((folder / s["file"]).stat().st_size for s in shards)}
+    write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
+def write_cache(folder: Path, model, encoded, prod: dict, num_labels: int, **kw) -> dict:
+    """Single-process cache: write every shard, then the manifest."""
+    write_rank(folder, model, encoded, prod, num_labels, **kw)
+    return finalize(folder, prod, num_labels)
+
+
+class LogitCache:
+    """Validated, in-memory logits indexed by example id."""
+
+    def __init__(self, ids: np.ndarray, logits: torch.Tensor, manifest: dict):
+        self.ids, self.logits_table, self.manifest = ids, logits, manifest
+
+    @classmethod
+    def open(cls, folder: Path, expected: dict, ids: np.ndarray) -> "LogitCache":
+        """Read and check a cache. ``expected``: the producer fingerprint the caller trains with;
+        ``ids``: the example ids it will look up."""
+        folder = Path(folder)
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.is_file():
+            raise CacheError(f"{folder}: no manifest.json (cache incomplete)")
+        manifest = read_json(manifest_path)
+        if manifest.get("schema") != CACHE_SCHEMA:
+            raise CacheError(f"{folder}: cache schema {manifest.get('schema')} is not {CACHE_SCHEMA}")
+        for key, want in expected.items():
+            got = manifest["producer"].get(key)
+            if got != want:
+                raise CacheError(f"{folder}: produced with a different {key} ({got!r}, training uses {want!r})")
+        tables = []
+        for shard in manifest["shards"]:
+            path = folder / shard["file"]
+            if not path.is_file():
+                raise CacheError(f"{folder}: shard {shard['file']} is missing")
+            if file_sha256(path) != shard["sha256"]:
+                raise CacheError(f"{folder}: shard {shard['file']} fails its checksum (corrupt or truncated)")
+            table = _read_shard(path)
+            if table.num_rows != shard["rows"]:
+                raise CacheError(f"{folder}: shard {shard['file']} holds {table.num_rows} rows, manifest says {shard['rows']}")
+            tables.append(table)
+        if not tables:
+            raise CacheError(f"{folder}: cache holds no shards")
+        table = pa.concat_tables(tables).combine_chunks()
+        if table.num_rows != manifest["total_rows"]:
+            raise CacheError(f"{folder}: {table.num_rows} rows, manifest says {manifest['total_rows']}")
+        cached_ids = table.column("example_id").to_numpy()
+        if np.any(np.diff(cached_ids) <= 0):
+            raise CacheError(f"{folder}: example ids are not sorted and unique")
+        missing = ~np.isin(ids, cached_ids)
+        if missing.any():
+            raise CacheError(f"{folder}: {int(missing.sum())} of {len(ids)} training examples have no cached logits")
+        column = table.column("logits").chunk(0)
+        width = manifest["num_labels"]
+        # Arrow -> numpy -> torch without copying: the flat float32 buffer seen as [rows, classes].
+        flat = column.values.to_numpy(zero_copy_only=True)
+        with warnings.catch_warnings():  # Arrow buffers are read-only; lookups copy rows out
+            warnings.simplefilter("ignore", UserWarning)
+            logits = torch.from_numpy(flat.reshape(-1, width))
+        return cls(cached_ids, logits, manifest)
+
+    def logits(self, example_ids: torch.Tensor) -> torch.Tensor:
+        rows = np.searchsorted(self.ids, example_ids.cpu().numpy())
+        return self.logits_table[torch.from_numpy(rows)]
