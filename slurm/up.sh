@@ -194,9 +194,17 @@ wait_until slurmdbd "slurmdbd" sacctmgr -n list cluster
 start slurmctld /usr/sbin/slurmctld -D
 wait_until slurmctld "slurmctld" scontrol ping
 start slurmd /usr/sbin/slurmd -D
-node_ready() { # prints state and reason, e.g. 'inval gres/gpu count reported lower than configured'
+# Prints state and reason. A drain/down saved in the state files by an earlier run survives a
+# restart (ReturnToService does not clear it), so resume the node; a real fault drains it again.
+node_ready() {
   local s
-  s=$(sinfo -h -N -n "$NODE" -o '%t %E') && echo "$s" && [[ ${s%% *} =~ ^(idle|mix|alloc)$ ]]
+  s=$(sinfo -h -N -n "$NODE" -o '%t %E') || return 1
+  echo "$s"
+  case ${s%% *} in
+    idle | mix | alloc) return 0 ;;
+    drain | drng | down) scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true ;;
+  esac
+  return 1
 }
 wait_until slurmd "node $NODE to become idle" node_ready
 wait_until slurmctld "sacct to answer" sacct -n -X
