@@ -1,0 +1,122 @@
+"""Benchmark: what each way of getting targets costs per training step, on the embedded
+6 -> 5 -> 4 MiniLM chain. Prints ratios to plain CE fine-tuning of the student, all measured
+side by side in this one process (modes interleaved round-robin, so drift hits all alike).
+
+    python benchmarks/distill_speed.py [--steps 20] [--rounds 3] [--train 2000]
+
+(a) student CE only (the floor)      (b) KD, teacher from cache      (c) KD, live teacher
+(d) TEID, cached teacher + frozen cached tutor
+(e) TEID as the paper's Algorithm 2: live teacher + live online tutor
+(f) TEID, cached teacher + live online tutor
+Also: the cache I/O share, the time to open, validate and read one epoch of teacher logits
+relative to one epoch of (b).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from hpc_kd.cache import LogitCache, producer, write_cache  # noqa: E402
+from hpc_kd.config import DataConfig, TrainConfig  # noqa: E402
+from hpc_kd.data import Dataset, train_batches  # noqa: E402
+from hpc_kd.loop import CachedLogits, FrozenModel, OnlineTutor, Task, Trainer  # noqa: E402
+from hpc_kd.models import load_classifier, load_pretrained, load_tokenizer, save_model, shrink  # noqa: E402
+from hpc_kd.policies import make_policy  # noqa: E402
+from hpc_kd.rundir import RunDir  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per mode per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--train", type=int, default=2000, help="training sentences (cache size)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp(prefix="hpc_kd_bench_"))
+    data_cfg = DataConfig(max_train_examples=args.train, max_length=64)
+    tok = load_tokenizer("embedded")
+    dataset = Dataset.build(data_cfg, tok)
+    train = dataset.encoded["train"]
+    # Timing does not depend on how well the models are trained: pretrained MiniLM with a head.
+    teacher = load_pretrained("embedded", 2, seed=0)
+    models = {"teacher": teacher, "tutor": shrink(teacher, 5, "uniform", 0)}
+    caches = {}
+    for name, model in models.items():
+        save_model(model, tok, tmp / name)
+        prod = producer(tmp / name, data_cfg.max_length, "embedded", "train", dataset.fingerprints["train"])
+        write_cache(tmp / f"{name}_logits", model, train, prod, 2)
+        caches[name] = (tmp / f"{name}_logits", prod)
+    student0 = shrink(teacher, 4, "uniform", 0)
+    cfg = TrainConfig(batch_size=args.batch_size, epochs=1)
+
+    def cached(name):
+        folder, prod = caches[name]
+        return CachedLogits(LogitCache.open(folder, prod, train.ids), "cpu")
+
+    def live(name):
+        return FrozenModel(load_classifier(tmp / name))
+
+    def online():
+        return OnlineTutor(load_classifier(tmp / "tutor"), cfg)
+
+    policy = lambda: make_policy("min_loss")  # noqa: E731
+    modes = {
+        "a": ("student CE only (floor)", lambda: Task()),
+        "b": ("KD, cached teacher", lambda: Task(cached("teacher"))),
+        "c": ("KD, live teacher", lambda: Task(live("teacher"))),
+        "d": ("TEID, cached teacher + frozen cached tutor", lambda: Task(cached("teacher"), cached("tutor"), policy())),
+        "e": ("TEID, live teacher + live online tutor (paper)", lambda: Task(live("teacher"), online(), policy())),
+        "f": ("TEID, cached teacher + live online tutor", lambda: Task(cached("teacher"), online(), policy())),
+    }
+    trainers = {}
+    for key, (_, make) in modes.items():
+        trainers[key] = Trainer(RunDir(tmp / f"run_{key}"), copy.deepcopy(student0), tok, dataset, make(), cfg, seed=0)
+    batches = train_batches(train.lengths, cfg.batch_size, seed=0, epoch=0)
+    per_step = {k: [] for k in modes}
+    cursor = 0
+    for round_ in range(args.rounds + 1):  # round 0 warms up
+        for key, trainer in trainers.items():
+            chunk = [batches[(cursor + i) % len(batches)] for i in range(args.steps)]
+            t0 = time.perf_counter()
+            for index in chunk:
+                trainer._step(train.collate(index))
+            if round_ > 0:
+                per_step[key].append((time.perf_counter() - t0) / args.steps)
+        cursor += args.steps
+    med = {k: statistics.median(v) for k, v in per_step.items()}
+
+    # Cache I/O: open + validate + look up every batch of one epoch.
+    folder, prod = caches["teacher"]
+    t0 = time.perf_counter()
+    cache = LogitCache.open(folder, prod, train.ids)
+    for index in batches:
+        cache.logits(torch.from_numpy(train.ids[index]))
+    io_seconds = time.perf_counter() - t0
+    epoch_b = med["b"] * len(batches)
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}; {args.train} sentences, batch {cfg.batch_size}, "
+          f"{args.rounds} rounds x {args.steps} steps per mode (median of rounds)")
+    print(f"{'mode':<52} {'s/step':>8} {'ratio to (a)':>13}")
+    for key, (label, _) in modes.items():
+        print(f"({key}) {label:<48} {med[key]:8.4f} {med[key] / med['a']:13.3f}")
+    print(f"(e)/(d) = {med['e'] / med['d']:.2f}   (c)/(b) = {med['c'] / med['b']:.2f}")
+    print(f"cache I/O: {io_seconds * 1000:.1f} ms to open, validate and read one epoch of logits "
+          f"= {100 * io_seconds / epoch_b:.2f}% of one epoch of (b) ({epoch_b:.1f} s)")
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    print(f"teacher cache on disk: {size / 1024:.1f} KiB for {len(train)} examples")
+
+
+if __name__ == "__main__":
+    main()
