@@ -173,6 +173,18 @@ class DistillConfig:
     #: cache: the teacher's (and a frozen tutor's) logits are computed once and read back from
     #: Parquet; live: every model runs forward on every batch, as in the paper.
     targets: Literal["cache", "live"] = "cache"
+    #: policy parameters, read only by the policy they name (and only then part of a signature)
+    normalized_momentum: float = 0.9
+    anneal_shape: Literal["linear", "cosine", "step"] = "linear"
+    #: fixed teacher weight of the ensemble; null: per example, by relative confidence
+    ensemble_weight: float | None = None
+    bandit_c: float = 1.0
+    bandit_probe: int = 64
+
+    def policy_args(self) -> dict:
+        from .policies import POLICIES
+
+        return {name: getattr(self, f"{self.policy}_{name}") for name in POLICIES[self.policy].params}
 
     def __post_init__(self):
         from . import losses, policies  # registries live with the code they name
@@ -185,6 +197,13 @@ class DistillConfig:
             raise ConfigError("tau", f"must be > 0, got {self.tau}")
         if not 0 <= self.alpha <= 1:
             raise ConfigError("alpha", f"must be in [0, 1], got {self.alpha}")
+        if not 0 <= self.normalized_momentum < 1:
+            raise ConfigError("normalized_momentum", f"must be in [0, 1), got {self.normalized_momentum}")
+        if self.ensemble_weight is not None and not 0 <= self.ensemble_weight <= 1:
+            raise ConfigError("ensemble_weight", f"must be in [0, 1] or null, got {self.ensemble_weight}")
+        if self.bandit_c < 0:
+            raise ConfigError("bandit_c", f"must be >= 0, got {self.bandit_c}")
+        _at_least(self, "bandit_probe", 1)
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,7 @@ class Progress:
     stopped: bool = False
     metrics_lines: int = 0
     window: list = field(default_factory=lambda: [0.0, 0])  # training loss sum, count since last log
+    probe_loss: float | None = None  # the student's loss on the held-out probe slice
     selection: dict = field(default_factory=dict)  # this epoch's counts
 
 
@@ -200,8 +201,14 @@ class Trainer:
         self.run, self.tokenizer, self.data, self.task, self.cfg, self.seed = run, tokenizer, dataset, task, cfg, seed
         self.checkpoint_every, self.log_every, self.progress, self.device, self.on_step = (
             checkpoint_every, log_every, progress, torch.device(device), on_step)
-        self.train_lengths = dataset.encoded["train"].lengths
-        self.batches_per_epoch = len(train_batches(self.train_lengths, cfg.batch_size, seed, 0))
+        # A policy that measures the student on held-out training examples gets them kept out.
+        n = len(dataset.encoded["train"])
+        probe_size = getattr(task.policy, "probe", None) if task.tutor is not None else None
+        order = np.random.default_rng(seed).permutation(n)
+        self.probe = np.sort(order[:probe_size]) if probe_size else None
+        self.train_index = np.sort(order[probe_size:]) if probe_size else np.arange(n)
+        self.train_lengths = dataset.encoded["train"].lengths[self.train_index]
+        self.batches_per_epoch = len(self._batches(0))
         self.total_steps = cfg.epochs * self.batches_per_epoch
         torch.manual_seed(seed)
         self.student = Trainee(student.to(self.device).train(), cfg, self.total_steps)
@@ -250,6 +257,8 @@ class Trainer:
             self.run.truncate_metrics(self.p.metrics_lines)
         else:
             self.run.truncate_metrics(0)
+        if self.probe is not None and self.p.probe_loss is None:
+            self.p.probe_loss = self._probe_loss()
         started = time.time()
         while not self.p.stopped and self.p.epoch < self.cfg.epochs:
             self._train_epoch()
@@ -260,7 +269,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         train = self.data.encoded["train"]
-        batches = train_batches(self.train_lengths, self.cfg.batch_size, self.seed, self.p.epoch)
+        batches = self._batches(self.p.epoch)
         for source in (self.task.teacher, self.task.tutor):
             if hasattr(source, "start_epoch"):
                 source.start_epoch(self.p.epoch)
@@ -286,6 +295,9 @@ class Trainer:
                 self.on_step(self, record)
         bar.close()
 
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        return [self.train_index[b] for b in train_batches(self.train_lengths, self.cfg.batch_size, self.seed, epoch)]
+
     def _step(self, batch) -> dict:
         """One optimiser step of the student (and, in TEID with an online tutor, maybe the tutor)."""
         task, y = self.task, batch["labels"]
@@ -303,7 +315,11 @@ class Trainer:
                 l_u = losses.distillation_loss(z_s, z_u.detach(), y, task.tau, task.alpha, task.term)
                 w = task.policy.select(Selection(l_t.detach(), l_u.detach(), z_s.detach(), z_t, z_u.detach(), y,
                                                  self.p.step, self.total_steps)).to(l_t.dtype)
-                loss = (w * l_t + (1 - w) * l_u).mean()
+                if task.policy.mixes_targets:
+                    z_mix = losses.mix_targets(z_t, z_u.detach(), w, task.tau, task.term)
+                    loss = losses.distillation_loss(z_s, z_mix, y, task.tau, task.alpha, task.term).mean()
+                else:
+                    loss = (w * l_t + (1 - w) * l_u).mean()
                 record["tutor_updated"] = False
                 if task.tutor.trainable and float(w.sum()) > 0:
                     # "Update tutor model U from teacher model T", on the examples the teacher won.
@@ -314,8 +330,21 @@ class Trainer:
             self._count(w)
             record["teacher_weight"] = float(w.mean())
         self.student.step(loss)
+        if self.probe is not None:  # the bandit's reward: the student's progress on held-out data
+            now = self._probe_loss()
+            task.policy.feedback(self.p.probe_loss - now)
+            self.p.probe_loss = now
         record["loss"] = float(loss.detach())
         return record
+
+    def _probe_loss(self) -> float:
+        model = self.student.model
+        model.eval()
+        with torch.no_grad():
+            batch = {k: v.to(self.device) for k, v in self.data.encoded["train"].collate(self.probe).items()}
+            value = float(losses.cross_entropy(forward(model, batch), batch["labels"]).mean())
+        model.train()
+        return value
 
     def _count(self, w: torch.Tensor) -> None:
         s = self.p.selection
@@ -343,7 +372,8 @@ class Trainer:
         record = {"type": "epoch", "epoch": self.p.epoch, "step": self.p.step, "improved": improved,
                   "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "val_collapsed": val["collapsed"]}
         if self.task.teacher is not None:
-            record["selection"] = dict(self.p.selection)
+            sel = self.p.selection
+            record["selection"] = {**sel, "teacher_share": sel["teacher_weight"] / max(1, sel["examples"])}
         self._log(record)
         self.p.epoch += 1
         self.p.batch = 0
@@ -364,7 +394,7 @@ class Trainer:
         epochs = [m for m in self.run.metrics() if m["type"] == "epoch"]
         if self.task.teacher is not None:
             result["selection_per_epoch"] = [m["selection"] for m in epochs]
-            totals = {k: sum(e["selection"][k] for e in epochs) for k in _new_selection()}
+            totals = {k: sum(e["selection"][k] for e in epochs) for k in _new_selection()}  # over all epochs
             totals["teacher_share"] = totals["teacher_weight"] / max(1, totals["examples"])
             result["selection"] = totals
         if self.run.tutor.exists():

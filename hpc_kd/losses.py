@@ -45,3 +45,14 @@ def distillation_loss(
     """
     soft = DISTILL_TERMS[term](z_s, z_t.detach(), tau)
     return alpha * soft + (1.0 - alpha) * cross_entropy(z_s, y)
+
+
+def mix_targets(z_t: torch.Tensor, z_u: torch.Tensor, w: torch.Tensor, tau: float, term: str = "kl") -> torch.Tensor:
+    """Logits whose tempered softmax is the mixture ``w · softmax(z_T/τ) + (1 − w) · softmax(z_U/τ)``
+    (``τ · log`` of it), so that ``distillation_loss`` against them distils the mixture; for the
+    ``mse`` term, the mixture of the logits themselves. ``w`` has one weight per example."""
+    w = w.unsqueeze(-1)
+    if term == "mse":
+        return w * z_t + (1 - w) * z_u
+    p = w * F.softmax(z_t / tau, dim=-1) + (1 - w) * F.softmax(z_u / tau, dim=-1)
+    return tau * torch.log(p.clamp_min(1e-30))

@@ -81,7 +81,7 @@ def chain(cfg: ExperimentConfig) -> list[Stage]:
             cfg.student.train, d.policy, d.tau, d.alpha, d.loss,
             tutor_update=None if plain_kd else d.tutor_update,
             tutor_train=cfg.tutor.train if learning else None,
-            teacher_cache=teacher_cache, tutor_cache=tutor_cache,
+            teacher_cache=teacher_cache, tutor_cache=tutor_cache, policy_args=d.policy_args() or None,
             role="student", iteration=iteration,
         )
         stages.append(student)

@@ -5,13 +5,16 @@ labels) and returns ``w``, one weight per example in [0, 1]: 1 means "learn from
 0 "learn from the tutor". The student's loss is ``mean(w · L_T + (1 − w) · L_U)``; in online
 tutor mode the tutor takes a KD step toward the teacher on the examples where ``w > 0``.
 
-A batch-level policy returns all ones or all zeros. Stateful policies keep their state in plain
+A batch-level policy returns all ones or all zeros. A policy with ``mixes_targets`` instead
+mixes the two target distributions with ``w`` (the ensemble). A policy with a ``probe`` is told
+the student's progress on a held-out slice after every step (``feedback``, the bandit). Stateful policies keep their state in plain
 values returned by ``state_dict()``, which the training checkpoint stores.
 
 To add a policy: subclass :class:`Policy`, give it a ``name`` and register it in ``POLICIES``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +38,12 @@ class Policy:
     name = "base"
     #: True when the policy never looks at the tutor, so no tutor is needed at all (plain KD).
     teacher_only = False
+    #: True when ``w`` mixes the two target distributions instead of the two losses.
+    mixes_targets = False
+    #: constructor arguments, taken from ``distill.<policy>_<param>`` config keys.
+    params: tuple[str, ...] = ()
+    #: examples of the training split held out to measure the student (None: none needed).
+    probe: int | None = None
 
     def select(self, sel: Selection) -> torch.Tensor:
         raise NotImplementedError
@@ -76,8 +85,150 @@ class MinLossPolicy(Policy):
         return torch.full_like(sel.loss_teacher, 1.0 if bool(teacher_wins) else 0.0)
 
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (TeacherPolicy, TutorPolicy, MinLossPolicy)}
+class MinLossSamplePolicy(Policy):
+    """The min-loss rule per example: each example learns from whichever source has the lower
+    distillation loss on it (ties to the tutor)."""
+
+    name = "min_loss_sample"
+
+    def select(self, sel: Selection) -> torch.Tensor:
+        return (sel.loss_teacher < sel.loss_tutor).to(sel.loss_teacher.dtype)
 
 
-def make_policy(name: str) -> Policy:
-    return POLICIES[name]()
+class NormalizedPolicy(Policy):
+    """The paper's suggested fix ("scaling factors"): compare each source's batch loss relative to
+    its own running mean, ``L_T / m_T < L_U / m_U``, so a source whose losses are simply on a
+    smaller scale (the tutor, closer in size to the student) does not win by default.
+
+    ``m`` is an exponential moving average (``momentum``) updated after each decision; the first
+    batch compares raw losses.
+    """
+
+    name = "normalized"
+    params = ("momentum",)
+
+    def __init__(self, momentum: float = 0.9):
+        self.momentum = momentum
+        self.mean_teacher = self.mean_tutor = None
+
+    def select(self, sel: Selection) -> torch.Tensor:
+        lt, lu = float(sel.loss_teacher.mean()), float(sel.loss_tutor.mean())
+        if self.mean_teacher is None:
+            self.mean_teacher, self.mean_tutor = lt, lu
+        teacher_wins = lt / max(self.mean_teacher, 1e-12) < lu / max(self.mean_tutor, 1e-12)
+        m = self.momentum
+        self.mean_teacher = m * self.mean_teacher + (1 - m) * lt
+        self.mean_tutor = m * self.mean_tutor + (1 - m) * lu
+        return torch.full_like(sel.loss_teacher, 1.0 if teacher_wins else 0.0)
+
+    def state_dict(self):
+        return {"mean_teacher": self.mean_teacher, "mean_tutor": self.mean_tutor}
+
+    def load_state_dict(self, state):
+        self.mean_teacher, self.mean_tutor = state["mean_teacher"], state["mean_tutor"]
+
+
+class CorrectFirstPolicy(Policy):
+    """Per example: the source whose prediction is right on the gold label; when both or neither
+    are right, the one with the lower distillation loss (ties to the tutor)."""
+
+    name = "correct_first"
+
+    def select(self, sel: Selection) -> torch.Tensor:
+        t_right = sel.z_teacher.argmax(-1) == sel.labels
+        u_right = sel.z_tutor.argmax(-1) == sel.labels
+        lower = sel.loss_teacher < sel.loss_tutor
+        pick = torch.where(t_right == u_right, lower, t_right)
+        return pick.to(sel.loss_teacher.dtype)
+
+
+class AnnealPolicy(Policy):
+    """A schedule from tutor to teacher over training (dynamic-KD style): the teacher's weight
+    ``w(p)`` rises from 0 to 1 with training progress ``p = step / total_steps``, and the student's
+    loss mixes ``w · L_T + (1 − w) · L_U``. Shapes: ``linear`` (w = p), ``cosine``
+    (w = (1 − cos πp) / 2), ``step`` (tutor for the first half, teacher after)."""
+
+    name = "anneal"
+    params = ("shape",)
+
+    def __init__(self, shape: str = "linear"):
+        self.shape = shape
+
+    def weight(self, step: int, total: int) -> float:
+        p = min(1.0, step / max(1, total - 1))
+        if self.shape == "linear":
+            return p
+        if self.shape == "cosine":
+            return 0.5 * (1 - math.cos(math.pi * p))
+        return 1.0 if p >= 0.5 else 0.0
+
+    def select(self, sel: Selection) -> torch.Tensor:
+        return torch.full_like(sel.loss_teacher, self.weight(sel.step, sel.total_steps))
+
+
+class EnsemblePolicy(Policy):
+    """Targets from a weighted mix of the two distributions,
+    ``p = w · softmax(z_T/τ) + (1 − w) · softmax(z_U/τ)``, with ``w`` fixed (``weight``) or, when
+    ``weight`` is None, per example by confidence: ``w = c_T / (c_T + c_U)``, c the max probability."""
+
+    name = "ensemble"
+    mixes_targets = True
+    params = ("weight",)
+
+    def __init__(self, weight: float | None = None):
+        self.weight = weight
+
+    def select(self, sel: Selection) -> torch.Tensor:
+        if self.weight is not None:
+            return torch.full_like(sel.loss_teacher, self.weight)
+        c_t = sel.z_teacher.softmax(-1).max(-1).values
+        c_u = sel.z_tutor.softmax(-1).max(-1).values
+        return (c_t / (c_t + c_u)).to(sel.loss_teacher.dtype)
+
+
+class BanditPolicy(Policy):
+    """UCB1 over the two sources. After each step the trainer reports the reward, the drop in the
+    student's cross-entropy on a held-out slice of the training data (``probe`` examples kept out
+    of training); the source with the highest ``mean reward + c · scale · sqrt(2 ln t / n)`` is
+    picked for the next batch (each source is tried once first). ``scale`` is the running mean
+    absolute reward, so ``c`` does not depend on the loss scale."""
+
+    name = "bandit"
+    params = ("c", "probe")
+
+    def __init__(self, c: float = 1.0, probe: int = 64):
+        self.c, self.probe = c, probe
+        self.counts, self.sums, self.abs_sum, self.last = [0, 0], [0.0, 0.0], 0.0, None
+
+    def select(self, sel: Selection) -> torch.Tensor:
+        t = sum(self.counts)
+        if 0 in self.counts:
+            arm = self.counts.index(0)
+        else:
+            scale = self.abs_sum / t or 1.0
+            ucb = [self.sums[a] / self.counts[a] + self.c * scale * math.sqrt(2 * math.log(t) / self.counts[a])
+                   for a in (0, 1)]
+            arm = 0 if ucb[0] > ucb[1] else 1  # arm 0: teacher; ties to the tutor
+        self.last = arm
+        return torch.full_like(sel.loss_teacher, 1.0 if arm == 0 else 0.0)
+
+    def feedback(self, reward: float) -> None:
+        self.counts[self.last] += 1
+        self.sums[self.last] += reward
+        self.abs_sum += abs(reward)
+
+    def state_dict(self):
+        return {"counts": list(self.counts), "sums": list(self.sums), "abs_sum": self.abs_sum, "last": self.last}
+
+    def load_state_dict(self, state):
+        self.counts, self.sums = list(state["counts"]), list(state["sums"])
+        self.abs_sum, self.last = state["abs_sum"], state["last"]
+
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (
+    TeacherPolicy, TutorPolicy, MinLossPolicy, MinLossSamplePolicy, NormalizedPolicy, CorrectFirstPolicy,
+    AnnealPolicy, EnsemblePolicy, BanditPolicy)}
+
+
+def make_policy(name: str, args: dict | None = None) -> Policy:
+    return POLICIES[name](**(args or {}))

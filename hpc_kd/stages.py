@@ -203,6 +203,7 @@ class Distill(Stage):
     #: logit caches to read targets from (None: run the model live, as in the paper)
     teacher_cache: CacheLogits | None = None
     tutor_cache: CacheLogits | None = None
+    policy_args: dict | None = None
     role: str = "student"
     iteration: int = 0
     kind = "distill"
@@ -241,7 +242,7 @@ class Distill(Stage):
                 tutor = RefreshTutor(tutor_model, self.tutor_train, self._refresher(run, tutor_model, dataset, run_cfg), device)
             else:
                 tutor = FrozenModel(tutor_model)
-        task = Task(teacher, tutor, make_policy(self.policy), self.tau, self.alpha, self.loss)
+        task = Task(teacher, tutor, make_policy(self.policy, self.policy_args), self.tau, self.alpha, self.loss)
         trainer = Trainer(run, student, tokenizer, dataset, task, self.train, self.seed,
                           **_trainer_options(run_cfg, on_step))
         result = trainer.fit()

@@ -210,3 +210,42 @@ def test_checkpoint_holds_no_pickled_objects(tiny_model, tmp_path):
         teacher(plan.root, plan.run, on_step=stop)
     state = torch.load(teacher.run_dir(plan.root).checkpoint, weights_only=True)
     assert state["progress"]["step"] == 2
+
+
+@pytest.mark.parametrize("policy", ["min_loss_sample", "normalized", "correct_first", "anneal", "ensemble", "bandit"])
+def test_every_policy_trains_and_reports_shares(tiny_model, tmp_path, policy):
+    plan = make_plan(tiny_model, tmp_path, student={"train": {"lr": 1e-3, "batch_size": 16, "epochs": 1}},
+                     distill={"policy": policy, "tutor_update": "frozen", "bandit_probe": 16})
+    results = run_all(plan)
+    student = results[list(plan.stages)[-1]]
+    sel = student["selection"]
+    assert 0.0 <= sel["teacher_share"] <= 1.0
+    examples = 96 - (16 if policy == "bandit" else 0)  # the bandit's probe slice is held out
+    assert sel["examples"] == examples
+    assert sel["teacher_batches"] + sel["tutor_batches"] + sel["mixed_batches"] == -(-examples // 16)
+    epochs = [m for m in list(plan.stages.values())[-1].run_dir(plan.root).metrics() if m["type"] == "epoch"]
+    assert epochs[0]["selection"]["teacher_share"] == pytest.approx(sel["teacher_share"])
+
+
+@pytest.mark.parametrize("policy", ["bandit", "normalized"])
+def test_stateful_policies_resume_identically(tiny_model, tmp_path, policy):
+    sections = {"distill": {"policy": policy, "bandit_probe": 16}}
+    ref_plan = make_plan(tiny_model, tmp_path / "ref", **sections)
+    reference = run_all(ref_plan)
+    plan = make_plan(tiny_model, tmp_path / "resumed", **sections)
+    *upstream, student_key = plan.stages
+    for key in upstream:
+        plan.stages[key](plan.root, plan.run)
+
+    class Killed(Exception):
+        pass
+
+    def kill(trainer, record):
+        if trainer.p.step == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        plan.stages[student_key](plan.root, plan.run, on_step=kill)
+    state = torch.load(plan.stages[student_key].run_dir(plan.root).checkpoint, weights_only=True)
+    assert state["policy"]  # the policy's state is in the checkpoint
+    assert strip_times(plan.stages[student_key](plan.root, plan.run)) == strip_times(reference[student_key])
