@@ -33,6 +33,7 @@ class ConfigError(ValueError):
 
 
 Init = Literal["first", "uniform", "random"]
+InitFrom = Literal["teacher", "pretrained"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ class TutorConfig:
 
     layers: int = 5
     init: Init = "uniform"
+    #: where its layers come from: the fine-tuned teacher, or the teacher's pretrained encoder
+    init_from: InitFrom = "teacher"
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -146,6 +149,9 @@ class StudentConfig:
 
     layers: tuple[int, ...] = (4,)
     init: Init = "uniform"
+    #: teacher: layers of the stage's (fine-tuned) teacher; pretrained: of the pretrained encoder
+    #: the teacher started from, with a fresh head (e.g. first-k layers of bert-base-uncased)
+    init_from: InitFrom = "teacher"
     train: TrainConfig = field(default_factory=lambda: TrainConfig(patience=5))
 
     def __post_init__(self):

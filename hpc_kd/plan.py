@@ -67,7 +67,10 @@ def chain(cfg: ExperimentConfig) -> list[Stage]:
                        cfg.teacher.seed, cfg.teacher.train)
     stages.append(teacher)
     teacher_ref = ModelRef(teacher.key)
-    tutor = Distill(cfg.data, teacher_ref, None, teacher_ref, cfg.tutor.layers, cfg.tutor.init, cfg.tutor.seed,
+    def source(init_from: str, teacher: ModelRef):
+        return teacher if init_from == "teacher" else cfg.teacher.pretrained
+
+    tutor = Distill(cfg.data, teacher_ref, None, source(cfg.tutor.init_from, teacher_ref), cfg.tutor.layers, cfg.tutor.init, cfg.tutor.seed,
                     cfg.tutor.train, "teacher", d.tau, d.alpha, d.loss, teacher_cache=cache_of(teacher_ref), role="tutor")
     stages.append(tutor)
     tutor_ref = ModelRef(tutor.key)
@@ -77,7 +80,8 @@ def chain(cfg: ExperimentConfig) -> list[Stage]:
         teacher_cache = cache_of(teacher_ref)
         tutor_cache = cache_of(tutor_ref) if d.tutor_update == "frozen" and not plain_kd else None
         student = Distill(
-            cfg.data, teacher_ref, None if plain_kd else tutor_ref, teacher_ref, depth, cfg.student.init, cfg.seed,
+            cfg.data, teacher_ref, None if plain_kd else tutor_ref, source(cfg.student.init_from, teacher_ref), depth,
+            cfg.student.init, cfg.seed,
             cfg.student.train, d.policy, d.tau, d.alpha, d.loss,
             tutor_update=None if plain_kd else d.tutor_update,
             tutor_train=cfg.tutor.train if learning else None,

@@ -182,14 +182,15 @@ class CacheLogits(Stage):
 
 @dataclass(frozen=True)
 class Distill(Stage):
-    """Distil a ``layers``-deep model, initialised from layers of ``init_from``, from ``teacher``
+    """Distil a ``layers``-deep model, initialised from layers of ``init_from`` (a trained model,
+    or a pretrained name such as "embedded" with a fresh head), from ``teacher``
     (classic KD, Algorithm 1) or from ``teacher`` and ``tutor`` under ``policy`` (TEID,
     Algorithm 2). A TEID run with an online tutor also saves the updated tutor (``tutor/``)."""
 
     data: DataConfig
     teacher: ModelRef
     tutor: ModelRef | None
-    init_from: ModelRef
+    init_from: ModelRef | str
     layers: int
     init: str
     seed: int
@@ -213,20 +214,24 @@ class Distill(Stage):
         return self.layers
 
     def inputs(self):
-        refs = [self.teacher, self.tutor, self.init_from]
+        refs = [self.teacher, self.tutor, self.init_from if isinstance(self.init_from, ModelRef) else None]
         refs += [ModelRef(c.key, "logits") for c in (self.teacher_cache, self.tutor_cache) if c is not None]
         return [r for r in refs if r is not None]
 
     def execute(self, root, run, run_cfg, on_step):
         from .data import Dataset
         from .loop import CachedLogits, FrozenModel, OnlineTutor, RefreshTutor, Task, Trainer
-        from .models import load_classifier, load_tokenizer, param_count, shrink
+        from .models import load_classifier, load_pretrained, load_tokenizer, param_count, shrink
         from .policies import make_policy
 
         device = _device(run_cfg)
         tokenizer = load_tokenizer(str(self.teacher.path(root)))
         dataset = Dataset.build(self.data, tokenizer)
-        student = shrink(load_classifier(self.init_from.path(root)), self.layers, self.init, self.seed)
+        if isinstance(self.init_from, ModelRef):
+            source = load_classifier(self.init_from.path(root))
+        else:
+            source = load_pretrained(self.init_from, self.data.num_labels, self.seed)
+        student = shrink(source, self.layers, self.init, self.seed)
         if self.teacher_cache is not None:
             teacher = CachedLogits(self.teacher_cache.load(root, dataset, run_cfg), device)
         else:

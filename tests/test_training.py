@@ -249,3 +249,12 @@ def test_stateful_policies_resume_identically(tiny_model, tmp_path, policy):
     state = torch.load(plan.stages[student_key].run_dir(plan.root).checkpoint, weights_only=True)
     assert state["policy"]  # the policy's state is in the checkpoint
     assert strip_times(plan.stages[student_key](plan.root, plan.run)) == strip_times(reference[student_key])
+
+
+def test_students_can_start_from_the_pretrained_encoder(tiny_model, tmp_path):
+    plan = make_plan(tiny_model, tmp_path, student={"layers": [2], "init": "first", "init_from": "pretrained",
+                                                    "train": {"lr": 1e-3, "batch_size": 16, "epochs": 1}})
+    student = list(plan.stages.values())[-1]
+    assert student.init_from == str(tiny_model)
+    result = run_all(plan)[student.key]
+    assert result["layers"] == 2
