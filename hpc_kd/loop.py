@@ -167,7 +167,7 @@ class Progress:
     bad_epochs: int = 0
     stopped: bool = False
     metrics_lines: int = 0
-    window: list = field(default_factory=lambda: [0.0, 0])  # training loss sum, count since last log
+    window: list = field(default_factory=lambda: [0.0, 0, 0.0])  # loss sum, steps, teacher weight sum since last log
     probe_loss: float | None = None  # the student's loss on the held-out probe slice
     selection: dict = field(default_factory=dict)  # this epoch's counts
 
@@ -176,7 +176,9 @@ def _new_selection() -> dict:
     return {"teacher_batches": 0, "tutor_batches": 0, "mixed_batches": 0, "teacher_weight": 0.0, "examples": 0}
 
 
-def evaluate(model, data: Encoded, batch_size: int, num_labels: int, device) -> dict:
+def evaluate(model, data: Encoded, batch_size: int, num_labels: int, device, per_example: bool = False) -> dict:
+    """Metrics of ``model`` on ``data``; ``per_example`` adds ``correct`` (0/1 per example, in the
+    split's order) for paired comparisons between runs."""
     was_training = model.training
     model.eval()
     preds = np.zeros(len(data), dtype=np.int64)
@@ -185,7 +187,10 @@ def evaluate(model, data: Encoded, batch_size: int, num_labels: int, device) -> 
             batch = {k: v.to(device) for k, v in data.collate(index).items()}
             preds[index] = forward(model, batch).argmax(-1).cpu().numpy()
     model.train(was_training)
-    return classification_metrics(data.labels, preds, num_labels)
+    metrics = classification_metrics(data.labels, preds, num_labels)
+    if per_example:
+        metrics["correct"] = (preds == data.labels).astype(int).tolist()
+    return metrics
 
 
 class Trainer:
@@ -282,11 +287,14 @@ class Trainer:
             self.p.step += 1
             self.p.window[0] += record["loss"]
             self.p.window[1] += 1
+            self.p.window[2] += record.get("teacher_weight", 0.0)
             if self.p.step % self.log_every == 0:
-                self._log({"type": "train", "epoch": self.p.epoch, "step": self.p.step,
-                           "loss": self.p.window[0] / self.p.window[1],
-                           "lr": self.student.scheduler.get_last_lr()[0]})
-                self.p.window = [0.0, 0]
+                log = {"type": "train", "epoch": self.p.epoch, "step": self.p.step,
+                       "loss": self.p.window[0] / self.p.window[1], "lr": self.student.scheduler.get_last_lr()[0]}
+                if self.task.teacher is not None:
+                    log["teacher_share"] = self.p.window[2] / self.p.window[1]  # mean teacher weight per batch
+                self._log(log)
+                self.p.window = [0.0, 0, 0.0]
             if self.p.step % self.checkpoint_every == 0:
                 self._checkpoint()
             bar.update(1)
@@ -390,7 +398,7 @@ class Trainer:
         for split in ("validation", "test"):
             if split in self.data.encoded:
                 result[split] = evaluate(best, self.data.encoded[split], self.cfg.eval_batch_size,
-                                         self.data.num_labels, self.device)
+                                         self.data.num_labels, self.device, per_example=True)
         epochs = [m for m in self.run.metrics() if m["type"] == "epoch"]
         if self.task.teacher is not None:
             result["selection_per_epoch"] = [m["selection"] for m in epochs]
