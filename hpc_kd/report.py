@@ -1,0 +1,229 @@
+"""Statistics and plots over a sweep's rows (pure functions of the run folders).
+
+- ``summary``: per (depth, policy, tutor mode, other axes) over seeds: n, mean ± std of
+  validation accuracy and macro-F1, collapsed runs, mean teacher share.
+- ``paired_vs_kd``: each policy against plain KD (policy ``teacher``) at the same depth and seed:
+  the mean paired difference in validation accuracy with two 95% intervals, a t interval over
+  seeds and a paired bootstrap that resamples both validation sentences and seeds.
+- ``write_report``: ``summary.md`` and PNG plots under ``plots/``.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .rundir import RunDir, write_atomic
+
+GROUP_OMIT = ("seed", "val_acc", "val_macro_f1", "test_acc", "teacher_share", "teacher_batches", "collapsed",
+              "params", "state", "run", "role")
+# two-sided 95% Student t quantiles by degrees of freedom
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def _t975(df: int) -> float:
+    return T975.get(df, 1.96 + 2.5 / df)  # close enough beyond 10
+
+
+def _group_key(row: dict) -> tuple:
+    return tuple(sorted((k, v) for k, v in row.items() if k not in GROUP_OMIT and not isinstance(v, (list, dict))))
+
+
+def students_done(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["role"] == "student" and r["state"] == "done"]
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    groups = defaultdict(list)
+    for row in rows:
+        if row["role"] == "student":
+            groups[_group_key(row)].append(row)
+    out = []
+    for key, members in groups.items():
+        done = [m for m in members if m["state"] == "done"]
+        acc = np.array([m["val_acc"] for m in done], dtype=float)
+        f1 = np.array([m["val_macro_f1"] for m in done], dtype=float)
+        shares = [m["teacher_share"] for m in done if m["teacher_share"] is not None]
+        out.append({**dict(key), "n": len(done), "of": len(members),
+                    "acc_mean": float(acc.mean()) if len(acc) else None,
+                    "acc_std": float(acc.std(ddof=1)) if len(acc) > 1 else None,
+                    "f1_mean": float(f1.mean()) if len(f1) else None,
+                    "f1_std": float(f1.std(ddof=1)) if len(f1) > 1 else None,
+                    "collapsed": sum(bool(m["collapsed"]) for m in done),
+                    "teacher_share": float(np.mean(shares)) if shares else None})
+    return sorted(out, key=lambda r: (-(r.get("depth") or 0), str(r.get("tutor_update")), str(r.get("policy"))))
+
+
+def _correct(root: Path, run: str) -> np.ndarray:
+    return np.asarray(RunDir(root / "runs" / run).result()["validation"]["correct"], dtype=float)
+
+
+def paired_vs_kd(root: Path, rows: list[dict], n_boot: int = 4000, seed: int = 0) -> list[dict]:
+    """Differences in validation accuracy against plain KD, paired by depth, other axes and seed."""
+    done = students_done(rows)
+    baseline = {}
+    for r in done:
+        if r["policy"] == "teacher":
+            base_key = tuple((k, v) for k, v in _group_key(r) if k not in ("policy", "tutor_update"))
+            baseline[(base_key, r["seed"])] = r
+    groups = defaultdict(list)
+    for r in done:
+        if r["policy"] != "teacher":
+            groups[_group_key(r)].append(r)
+    rng = np.random.default_rng(seed)
+    out = []
+    for key, members in groups.items():
+        base_key = tuple((k, v) for k, v in key if k not in ("policy", "tutor_update"))
+        pairs = [(m, baseline[(base_key, m["seed"])]) for m in members if (base_key, m["seed"]) in baseline]
+        if not pairs:
+            continue
+        diffs = np.array([m["val_acc"] - b["val_acc"] for m, b in pairs])
+        n = len(diffs)
+        mean = float(diffs.mean())
+        row = {**dict(key), "n": n, "diff": mean, "t_low": None, "t_high": None}
+        if n > 1:
+            half = _t975(n - 1) * diffs.std(ddof=1) / math.sqrt(n)
+            row["t_low"], row["t_high"] = mean - half, mean + half
+        # paired bootstrap: resample sentences (same ones for both models) and seeds
+        d = np.stack([_correct(root, m["run"]) - _correct(root, b["run"]) for m, b in pairs])  # [seeds, sentences]
+        idx = rng.integers(0, d.shape[1], size=(n_boot, d.shape[1]))
+        per_seed = d[:, idx].mean(axis=2)  # [seeds, boot]
+        pick = rng.integers(0, n, size=(n_boot, n))
+        boot = per_seed[pick, np.arange(n_boot)[:, None]].mean(axis=1)
+        row["boot_low"], row["boot_high"] = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
+        out.append(row)
+    return sorted(out, key=lambda r: (-(r.get("depth") or 0), str(r.get("tutor_update")), str(r.get("policy"))))
+
+
+def _pct(x, signed=False) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def summary_markdown(summ: list[dict], paired: list[dict]) -> str:
+    lines = ["### Validation accuracy over seeds (%, mean ± std)", "",
+             "| depth | policy | tutor | n | accuracy | macro-F1 | teacher share | collapsed |", "|---|---|---|---|---|---|---|---|"]
+    for r in summ:
+        acc = f"{_pct(r['acc_mean'])} ± {_pct(r['acc_std'])}" if r["acc_mean"] is not None else "–"
+        f1 = f"{_pct(r['f1_mean'])} ± {_pct(r['f1_std'])}" if r["f1_mean"] is not None else "–"
+        share = f"{r['teacher_share']:.3f}" if r["teacher_share"] is not None else "–"
+        coll = f"**{r['collapsed']}/{r['n']}**" if r["collapsed"] else f"0/{r['n']}"
+        n = f"{r['n']}" + (f" (of {r['of']})" if r["of"] != r["n"] else "")
+        lines.append(f"| {r.get('depth')} | {r.get('policy')} | {r.get('tutor_update') or '–'} | {n} | {acc} | {f1} | {share} | {coll} |")
+    lines += ["", "### Difference to plain KD at the same depth and seed (accuracy points, 95% intervals)", "",
+              "| depth | policy | tutor | n | Δ accuracy | t interval | paired bootstrap |", "|---|---|---|---|---|---|---|"]
+    for r in paired:
+        t = f"[{_pct(r['t_low'], True)}, {_pct(r['t_high'], True)}]" if r["t_low"] is not None else "–"
+        b = f"[{_pct(r['boot_low'], True)}, {_pct(r['boot_high'], True)}]"
+        lines.append(f"| {r.get('depth')} | {r.get('policy')} | {r.get('tutor_update')} | {r['n']} | {_pct(r['diff'], True)} | {t} | {b} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- plots ------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_vs_depth(summ: list[dict], path: Path) -> None:
+    plt = _plt()
+    modes = sorted({r.get("tutor_update") for r in summ if r.get("tutor_update")}) or [None]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), sharey=True, squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        policies = sorted({r["policy"] for r in summ})
+        for policy in policies:
+            pts = sorted((r["depth"], r["acc_mean"], r["acc_std"] or 0.0) for r in summ
+                         if r["policy"] == policy and r["acc_mean"] is not None
+                         and (r.get("tutor_update") in (mode, None)))
+            if pts:
+                d, m, s = zip(*pts)
+                ax.errorbar(d, np.array(m) * 100, yerr=np.array(s) * 100, marker="o", capsize=3,
+                            label=policy, linestyle="--" if policy == "teacher" else "-")
+        ax.set_title(f"tutor: {mode}" if mode else "students")
+        ax.set_xlabel("student depth (layers)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation accuracy (%), mean ± std over seeds")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_teacher_share(root: Path, rows: list[dict], path: Path) -> None:
+    """Teacher share over training (per logged window), mean over seeds and depths, per policy."""
+    plt = _plt()
+    curves = defaultdict(list)
+    for r in students_done(rows):
+        if r["policy"] == "teacher":
+            continue
+        logs = [m for m in RunDir(root / "runs" / r["run"]).metrics() if m["type"] == "train" and "teacher_share" in m]
+        if logs:
+            total = max(m["step"] for m in logs)
+            curves[(r.get("tutor_update"), r["policy"])].append(
+                (np.array([m["step"] / total for m in logs]), np.array([m["teacher_share"] for m in logs])))
+    modes = sorted({k[0] for k in curves}) or [None]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), sharey=True, squeeze=False)
+    grid = np.linspace(0, 1, 21)
+    for ax, mode in zip(axes[0], modes):
+        for (m, policy), runs in sorted(curves.items(), key=lambda kv: str(kv[0])):
+            if m != mode:
+                continue
+            ys = np.mean([np.interp(grid, x, y) for x, y in runs], axis=0)
+            ax.plot(grid, ys, label=policy)
+        ax.set_title(f"tutor: {mode}")
+        ax.set_xlabel("training progress")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("share of weight on the teacher")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(matrix: list[list[int]], title: str, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    m = np.asarray(matrix)
+    ax.imshow(m, cmap="Blues")
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, str(v), ha="center", va="center")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_xticks(range(m.shape[1]))
+    ax.set_yticks(range(m.shape[0]))
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(root: str | Path, rows: list[dict]) -> str | None:
+    """summary.md and plots/ for a sweep with student runs; returns the summary text."""
+    root = Path(root)
+    if not students_done(rows):
+        return None
+    summ = summary(rows)
+    paired = paired_vs_kd(root, rows)
+    text = summary_markdown(summ, paired)
+    write_atomic(root / "summary.md", text)
+    plots = root / "plots"
+    plots.mkdir(exist_ok=True)
+    plot_accuracy_vs_depth(summ, plots / "accuracy_vs_depth.png")
+    plot_teacher_share(root, rows, plots / "teacher_share.png")
+    for old in plots.glob("confusion_*.png"):
+        old.unlink()
+    for r in students_done(rows):
+        if r["collapsed"]:
+            res = RunDir(root / "runs" / r["run"]).result()
+            title = f"{r['run']}\n{r['depth']} layers, {r['policy']}, {r.get('tutor_update')}, seed {r['seed']}"
+            plot_confusion(res["validation"]["confusion"], title, plots / f"confusion_{r['run']}.png")
+    return text
