@@ -1,8 +1,10 @@
 """Run folders -> one results table. ``python -m hpc_kd.aggregate results/<sweep>``
 
-A pure function of what is on disk: ``sweep.json`` (written by the launcher: the cells and the
-stage chain of each) and each stage's ``result.json`` / ``error.json``. Stages that have not
-finished appear with their state, never silently dropped. Writes ``table.md`` (also printed),
+A function of what is on disk: ``sweep.json`` (written by the launcher: the cells and the
+stage chain of each) and each stage's ``result.json`` / ``error.json`` / ``job.json`` (for a
+queued stage the scheduler is asked whether it is pending or running; see :mod:`hpc_kd.status`).
+Stages that have not finished appear with their state (pending, running, failed, blocked,
+missing), never silently dropped. Writes ``table.md`` (also printed),
 ``table.csv`` and ``table.parquet`` next to ``sweep.json``.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .rundir import RunDir, read_json, write_atomic
+from .status import ordered, stage_states
 
 COLUMNS = ["role", "depth", "policy", "seed", "tutor_update", "val_acc", "val_macro_f1", "test_acc",
            "teacher_share", "teacher_batches", "collapsed", "params", "state", "run"]
@@ -21,27 +24,13 @@ COLUMNS = ["role", "depth", "policy", "seed", "tutor_update", "val_acc", "val_ma
 STANDARD_AXES = ("student.layers", "distill.policy", "seed", "distill.tutor_update")
 
 
-def stage_state(root: Path, key: str, sweep: dict) -> str:
-    run = RunDir(root / "runs" / key)
-    if run.done():
-        return "done"
-    if (run.path / "error.json").is_file():
-        return "failed"
-    for need in sweep["stages"][key]["needs"]:
-        if stage_state(root, need, sweep) in ("failed", "blocked"):
-            return "blocked"
-    if run.checkpoint.exists() or (run.path / "config.json").exists():
-        return "started"
-    return "pending"
-
-
-def _row(root: Path, key: str, sweep: dict, extra: dict) -> dict:
+def _row(root: Path, key: str, sweep: dict, extra: dict, states: dict) -> dict:
     info = sweep["stages"][key]
     row = {c: None for c in COLUMNS}
-    row.update({"role": info["role"], "depth": info["layers"], "run": key, "state": stage_state(root, key, sweep)})
+    row.update({"role": info["role"], "depth": info["layers"], "run": key, "state": states[key].state})
     row.update(extra)
     if row["state"] == "done":
-        res = RunDir(root / "runs" / key).result()
+        res = RunDir(root / info.get("run", f"runs/{key}")).result()
         row["depth"] = res.get("layers", row["depth"])
         row["val_acc"] = res["validation"]["accuracy"]
         row["val_macro_f1"] = res["validation"]["macro_f1"]
@@ -56,24 +45,28 @@ def _row(root: Path, key: str, sweep: dict, extra: dict) -> dict:
     return row
 
 
-def collect(root: str | Path) -> list[dict]:
-    """One row per shared teacher / tutor, then one per (cell, iteration) student."""
+def collect(root: str | Path, states: dict | None = None) -> list[dict]:
+    """One row per shared teacher / tutor, then one per (cell, iteration) student. ``states``:
+    each stage's :class:`hpc_kd.status.StageStatus` (default: looked up now, asking the scheduler
+    about stages that have a job record)."""
     root = Path(root)
     sweep = read_json(root / "sweep.json")
+    if states is None:
+        states = stage_states(root, ordered(sweep))
     rows, seen = [], set()
     role = lambda key: sweep["stages"][key]["role"]  # noqa: E731
     for cell in sweep["cells"]:
         for key in cell["chain"]:
             if role(key) in ("teacher", "tutor") and key not in seen:
                 seen.add(key)
-                rows.append(_row(root, key, sweep, {}))
+                rows.append(_row(root, key, sweep, {}, states))
     for cell in sweep["cells"]:
         # grid axes that have no column of their own (tau, alpha, ...) get one, by last key part
         axes = {k.rsplit(".", 1)[-1]: v for k, v in cell["values"].items() if k not in STANDARD_AXES}
         for key in cell["chain"]:
             if role(key) == "student":
                 extra = {"policy": cell["policy"], "seed": cell["seed"], "tutor_update": cell["tutor_update"], **axes}
-                rows.append(_row(root, key, sweep, extra))
+                rows.append(_row(root, key, sweep, extra, states))
     return rows
 
 

@@ -1,114 +1,179 @@
-"""``python -m hpc_kd.launch SWEEP.yaml [key=value ...] [--executor local|debug] [--dry-run] [--retry]``
+"""``python -m hpc_kd.launch SWEEP.yaml [key=value ...] [--executor slurm|local|debug] [--profile P]
+[--jobs N] [--wait] [--retry] [--dry-run]`` and ``python -m hpc_kd.launch status results/<sweep>``.
 
-Loads and validates the sweep (any error: one line, exit status 2, nothing run), expands it into
-the deduplicated stage graph, runs what is missing in dependency order, then prints the results
-table (also written to ``<output_root>/<name>/table.{md,csv,parquet}``).
+Loads and validates the sweep and the cluster profile (any error: one line, exit status 2,
+nothing submitted), expands it into the deduplicated stage graph and starts what is missing:
+``slurm`` queues every stage at once with ``afterok`` dependencies and returns (``--wait``
+follows the jobs); ``local`` runs them here in dependency order, ``--jobs`` at a time; ``debug``
+runs them in this process. When everything has ended, prints the results table (also written to
+``<output_root>/<name>/table.{md,csv,parquet}``).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-import traceback
 from collections import Counter
-from pathlib import Path
+from dataclasses import replace
 
+from . import executors
 from .config import ConfigError
 from .plan import Plan, load_plan
 from .policies import POLICIES
-from .rundir import RunDir, write_json
+from .resources import load_profile
+from .rundir import write_json
+from .status import launch_lock, read_job, stage_states, write_job
 
 
 def sweep_record(plan: Plan) -> dict:
-    """What the aggregator needs to know about the plan, written to ``<root>/sweep.json``."""
+    """What the aggregator and ``status`` need to know about the plan: ``<root>/sweep.json``."""
     return {
         "name": plan.name,
         "grid": list(plan.grid_keys),
-        "stages": {key: {"kind": s.kind, "role": s.role, "layers": s.depth,
-                         "needs": sorted({r.stage for r in s.inputs()})} for key, s in plan.stages.items()},
+        "stages": executors.graph(plan),
+        "order": list(plan.stages),  # topological
         "cells": [{"values": c.values, "policy": c.config.distill.policy, "seed": c.config.seed,
                    "tutor_update": None if POLICIES[c.config.distill.policy].teacher_only else c.config.distill.tutor_update,
                    "chain": list(c.chain)} for c in plan.cells],
     }
 
 
-def describe(plan: Plan) -> str:
-    """The dry-run view: every stage, how many cells share it, and whether it is done."""
+ACTIONS = {"done": "done", "inflight": "queued/running", "submit": "to run", "failed": "failed",
+           "blocked": "blocked"}
+
+
+def describe(plan: Plan, states=None, actions=None) -> str:
+    """The dry-run view: every stage, how many cells share it, its state and what a launch does."""
+    states = states or stage_states(plan.root, executors.graph(plan))
+    actions = actions or executors.decide(plan, states)
     shared = Counter(key for cell in plan.cells for key in set(cell.chain))
     lines = [f"sweep {plan.name!r}: {len(plan.cells)} cells, {len(plan.stages)} distinct stages -> {plan.root}"]
     for key, stage in plan.stages.items():
-        run = stage.run_dir(plan.root)
-        state = "done" if run.done() else ("failed" if (run.path / "error.json").exists() else
-                                           "partial" if run.checkpoint.exists() else "to run")
         label = f"{stage.role}" + (f" it{stage.iteration}" if getattr(stage, "iteration", 0) else "")
         policy = getattr(stage, "policy", "")
-        lines.append(f"  {key:<22} {label:<12} layers={stage.depth!s:<4} {policy:<10} cells={shared[key]:<3} {state}")
+        st = states[key]
+        what = ACTIONS[actions[key]]
+        if actions[key] == "submit" and st.state != "missing":
+            what += f" (was {st.state})"
+        elif st.state == "missing" and "checkpoint" in st.detail:
+            what += " (resumes from its checkpoint)"
+        elif actions[key] == "blocked":
+            what += f" (never runs because {executors.blocked_reason(plan, actions, key)} failed; --retry runs it again)"
+        elif st.job_id and actions[key] == "inflight":
+            what += f" (job {st.job_id})"
+        lines.append(f"  {key:<22} {label:<12} layers={stage.depth!s:<4} {policy:<10} cells={shared[key]:<3} {what}")
     return "\n".join(lines)
 
 
-def run_local(plan: Plan, retry: bool = False) -> dict[str, str]:
-    """Run every missing stage in this process, in dependency order. Returns the state of each."""
-    states: dict[str, str] = {}
-    for key, stage in plan.stages.items():
-        run = stage.run_dir(plan.root)
-        error = run.path / "error.json"
-        blocked_by = [r.stage for r in stage.inputs() if states.get(r.stage) not in ("done",)]
-        if run.done():
-            states[key] = "done"
-        elif blocked_by:
-            states[key] = "blocked"
-            print(f"[skip] {key}: never ran, because {blocked_by[0]} did not finish", file=sys.stderr)
-        elif error.exists() and not retry:
-            states[key] = "failed"
-            print(f"[failed] {key}: failed before (see {error}); pass --retry to run it again", file=sys.stderr)
-        else:
-            error.unlink(missing_ok=True)
-            print(f"[run] {key} ({stage.role}, {stage.depth} layers)", file=sys.stderr)
-            started = time.time()
-            try:
-                stage(plan.root, plan.run)
-                states[key] = "done"
-                print(f"[done] {key} in {time.time() - started:.0f}s", file=sys.stderr)
-            except Exception as err:  # a failed stage must not take the sweep down with it
-                run.path.mkdir(parents=True, exist_ok=True)
-                write_json(error, {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
-                states[key] = "failed"
-                print(f"[failed] {key}: {type(err).__name__}: {err} (details: {error})", file=sys.stderr)
-    return states
+def record_states(plan: Plan, states) -> None:
+    """Keep each job record's last known state (call with the launch lock held)."""
+    for key, st in states.items():
+        path = plan.stages[key].run_dir(plan.root).path
+        record = read_job(path)
+        if record and record.get("state") != st.state:
+            write_job(path, {**record, "state": st.state, "checked": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m hpc_kd.launch", description=__doc__.splitlines()[0],
+                                     epilog="python -m hpc_kd.launch status results/<sweep>: where every stage stands")
+    parser.add_argument("sweep", help="sweep YAML file")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. distill.tau=2")
+    parser.add_argument("--executor", choices=["slurm", "local", "debug"], default="local",
+                        help="slurm: queue every stage on SLURM; local: run here as subprocesses; "
+                             "debug: run here, in this process, one stage after another")
+    parser.add_argument("--profile", help="cluster profile YAML (resources per stage kind), e.g. slurm/profiles/local.yaml")
+    parser.add_argument("--jobs", type=int, default=1, help="local: stages run at once [1]")
+    parser.add_argument("--wait", action="store_true", help="slurm: follow the jobs until they end, then aggregate")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and submit nothing")
+    parser.add_argument("--retry", action="store_true", help="run failed stages (and those they blocked) again")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    return args
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hpc_kd.launch", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep", help="sweep YAML file")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. distill.tau=2")
-    parser.add_argument("--executor", choices=["local", "debug"], default="local",
-                        help="local: run here; debug: the same, in this process, no progress bars")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and run nothing")
-    parser.add_argument("--retry", action="store_true", help="run failed stages again")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["status"]:
+        from .status import main as status_main
+
+        return status_main(argv[1:])
+    args = parse(argv)
     try:
         plan = load_plan(args.sweep, args.overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    if args.executor == "debug":
-        from dataclasses import replace
-
+    try:
+        profile = load_profile(args.profile) if args.profile else None
+    except ConfigError as err:
+        print(f"profile error: {args.profile}: {err}", file=sys.stderr)
+        return 2
+    if args.executor != "debug":  # jobs write logs, not progress bars; the launcher shows progress
         plan = replace(plan, run=replace(plan.run, progress=False))
-    print(describe(plan))
     if args.dry_run:
+        states = stage_states(plan.root, executors.graph(plan))
+        print(describe(plan, states, executors.decide(plan, states, args.retry)))
         return 0
-    plan.root.mkdir(parents=True, exist_ok=True)
-    write_json(plan.root / "sweep.json", sweep_record(plan))
     started = time.time()
-    states = run_local(plan, retry=args.retry)
+    try:
+        with launch_lock(executors.runs_dir(plan)):
+            write_json(plan.root / "sweep.json", sweep_record(plan))
+            states = stage_states(plan.root, executors.graph(plan))
+            record_states(plan, states)
+            actions = executors.decide(plan, states, args.retry)
+            print(describe(plan, states, actions))
+            for key, action in actions.items():
+                if action == "failed":
+                    print(f"[failed] {key}: {states[key].detail} (pass --retry to run it again)", file=sys.stderr)
+            folder = plan.root / "submitit" / executors.launch_id()
+            if args.executor == "slurm":
+                submitted = _submit(plan, actions, states, profile, folder)
+                if submitted is None:
+                    return 2
+            else:
+                log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+                outcome = executors.run_here(plan, actions, plan.run, folder=None if args.executor == "debug" else folder,
+                                             jobs=args.jobs, profile=profile, log=log)
+                record_states(plan, stage_states(plan.root, executors.graph(plan)))
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are kept; a relaunch resumes the rest", file=sys.stderr)
+        return 130
+    if args.executor == "slurm":
+        queued = sum(a == "inflight" for a in actions.values())
+        if not args.wait and (submitted or queued):
+            print(f"\n{len(submitted)} stage jobs submitted, {queued} already queued or running. "
+                  f"Follow with: python -m hpc_kd.launch status {plan.root}")
+            return 0 if all(a in ("done", "submit", "inflight") for a in actions.values()) else 1
+        if not args.wait:  # nothing to wait for
+            return _finish(plan, {k: states[k].state for k in actions}, started)
+        states = executors.follow(plan, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        with launch_lock(executors.runs_dir(plan)):
+            record_states(plan, states)
+        outcome = {k: st.state for k, st in states.items()}
+    return _finish(plan, outcome, started)
+
+
+def _submit(plan, actions, states, profile, folder):
+    from .resources import Profile
+
+    try:
+        return executors.submit_slurm(plan, actions, states, profile or Profile(), folder, plan.run,
+                                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except RuntimeError as err:  # e.g. no srun/sbatch here
+        print(f"slurm error: {err}", file=sys.stderr)
+        return None
+
+
+def _finish(plan, outcome: dict, started: float) -> int:
     from .aggregate import collect, write_tables
 
     print()
     print(write_tables(plan.root, collect(plan.root)), end="")
-    print(f"\n{sum(s == 'done' for s in states.values())}/{len(states)} stages done in {time.time() - started:.0f}s; "
-          f"table: {plan.root / 'table.md'}")
-    return 0 if all(s == "done" for s in states.values()) else 1
+    done = sum(s == "done" for s in outcome.values())
+    print(f"\n{done}/{len(outcome)} stages done in {time.time() - started:.0f}s; table: {plan.root / 'table.md'}")
+    return 0 if done == len(outcome) else 1
 
 
 if __name__ == "__main__":

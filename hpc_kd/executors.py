@@ -1,0 +1,341 @@
+"""Running a plan's stages: ``slurm`` (submitit, one job per stage, ``afterok`` dependencies,
+arrays for alike stages), ``local`` (submitit subprocesses on this machine, ``--jobs N`` at a
+time, in dependency order) and ``debug`` (in this process, one after the other).
+
+Every executor decides the same way (:func:`decide`): done stages are skipped, stages queued or
+running on SLURM are left alone (their jobs become dependencies), failed stages run again only
+with ``retry``, and a stage whose input failed is blocked. The decision and the submission happen
+under :func:`hpc_kd.status.launch_lock`, so concurrent launches never submit a stage twice. Each
+submitted stage gets a ``job.json`` record in its run folder.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import submitit
+
+from .config import RunConfig
+from .resources import Profile, Resources, as_dict, describe, submitit_parameters
+from .rundir import write_json
+from .status import StageStatus, counts, first_line, read_job, stage_states, write_job
+
+#: sbatch flags every stage job gets: a job whose input failed is cancelled, not left pending.
+SLURM_FLAGS = {"kill-on-invalid-dep": "yes"}
+#: local runs have no scheduler to enforce a time limit; without a profile, effectively none.
+LOCAL_DEFAULT = Resources(time_min=7 * 24 * 60)
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """A stage as a submitit job. On SLURM's preemption or time-limit signal submitit calls
+    :meth:`checkpoint` (inherited: resubmit this same object) and requeues the job; the stage then
+    resumes from ``checkpoint.pt``, which the training loop writes every ``run.checkpoint_every``
+    steps and at every epoch end, and ends as an uninterrupted run would."""
+
+    def __init__(self, stage, root: str | Path, run_cfg: RunConfig, threads: int | None = None):
+        self.stage, self.root, self.run_cfg, self.threads = stage, Path(root), run_cfg, threads
+
+    def __call__(self) -> dict:
+        rank = int(os.environ.get("SLURM_PROCID", os.environ.get("SUBMITIT_LOCAL_GLOBALID", "0")))
+        if rank != 0:  # stages are single-process: the other tasks of the allocation stay idle
+            print(f"[hpc_kd] rank {rank}: {self.stage.key} runs on rank 0 only", flush=True)
+            return {"key": self.stage.key, "state": "idle"}
+        run = self.stage.run_dir(self.root)
+        if run.checkpoint.exists():
+            print(f"[hpc_kd] {self.stage.key}: resuming from {run.checkpoint}", flush=True)
+        else:
+            print(f"[hpc_kd] {self.stage.key}: starting", flush=True)
+        run_cfg = self.run_cfg if self.run_cfg.threads or not self.threads else replace(self.run_cfg, threads=self.threads)
+        try:
+            self.stage(self.root, run_cfg)
+        except Exception as err:  # recorded for `status`; re-raised so the scheduler sees a failure
+            run.path.mkdir(parents=True, exist_ok=True)
+            write_json(run.path / "error.json", {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
+                                                 "job_id": _current_job_id(), "host": socket.gethostname(), "log": _current_log()})
+            raise
+        print(f"[hpc_kd] {self.stage.key}: done", flush=True)
+        return {"key": self.stage.key, "state": "done"}
+
+
+def _current_job_id() -> str | None:
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+
+
+def _current_log() -> str | None:
+    try:
+        return str(submitit.JobEnvironment().paths.stderr)
+    except Exception:  # not inside a submitit job (debug executor)
+        return None
+
+
+# -- deciding ---------------------------------------------------------------------------------
+
+
+def graph(plan) -> dict[str, dict]:
+    """Stage key -> {"needs", "run", ...}: the shape :func:`hpc_kd.status.stage_states` reads."""
+    return {key: {"kind": s.kind, "role": s.role, "layers": s.depth, "needs": sorted({r.stage for r in s.inputs()}),
+                  "run": str(s.run_dir(plan.root).path.relative_to(plan.root))} for key, s in plan.stages.items()}
+
+
+def runs_dir(plan) -> Path:
+    return next(iter(plan.stages.values())).run_dir(plan.root).path.parent
+
+
+def decide(plan, states: dict[str, StageStatus], retry: bool = False) -> dict[str, str]:
+    """Stage key -> done | inflight | submit | failed | blocked, in topological order."""
+    out: dict[str, str] = {}
+    for key, stage in plan.stages.items():
+        state = states[key].state
+        inputs = [out[r.stage] for r in stage.inputs() if r.stage in out]
+        if state == "done":
+            out[key] = "done"
+        elif state in ("pending", "running"):
+            out[key] = "inflight"
+        elif state == "failed" and not retry:
+            out[key] = "failed"
+        elif any(i in ("failed", "blocked") for i in inputs):
+            out[key] = "blocked"
+        else:
+            out[key] = "submit"
+    return out
+
+
+def blocked_reason(plan, actions: dict[str, str], key: str) -> str:
+    """The failed stage at the root of ``key``'s block."""
+    frontier = [r.stage for r in plan.stages[key].inputs()]
+    while frontier:
+        k = frontier.pop(0)
+        if actions.get(k) == "failed":
+            return k
+        frontier += [r.stage for r in plan.stages[k].inputs()]
+    return "an input"
+
+
+def _new_record(executor: str, previous: dict | None, **fields) -> dict:
+    history = []
+    if previous:
+        history = previous.get("previous", []) + [{k: previous.get(k) for k in ("executor", "job_id", "state", "submitted")}]
+    return {"executor": executor, "attempt": len(history) + 1, "previous": history, "state": "submitted",
+            "submitted_at": time.time(), "submitted": time.strftime("%Y-%m-%d %H:%M:%S"), **fields}
+
+
+def _prepare(run_path: Path) -> dict | None:
+    """Before (re)running a stage: forget its last failure; return its previous job record."""
+    (run_path / "error.json").unlink(missing_ok=True)
+    return read_job(run_path)
+
+
+def launch_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+# -- slurm ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Submitted:
+    job_id: str
+    stdout: str
+    stderr: str
+
+
+def slurm_parameters(res: Resources, name: str, after: list[str] | tuple = ()) -> dict:
+    """A stage job's SlurmExecutor parameters: its resources plus name and dependencies."""
+    params = submitit_parameters(res, "slurm")
+    params.update(job_name=name, additional_parameters=dict(SLURM_FLAGS))
+    if after:
+        params["dependency"] = "afterok:" + ":".join(after)
+    return params
+
+
+def sbatch_script(res: Resources, folder: str | Path, name: str, after: list[str] | tuple = (),
+                  python: str = "python", array: int | None = None) -> str:
+    """The sbatch script submitit writes for a stage job (a snapshot test pins it)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    command = f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    return _make_sbatch_string(command=command, folder=folder, map_count=array, **slurm_parameters(res, name, after))
+
+
+def slurm_submit(folder: Path, jobs: list[StageJob], res: Resources, name: str, after: list[str]) -> list[Submitted]:
+    """Submit ``jobs`` with one resource request: one job, or one array for several."""
+    executor = submitit.SlurmExecutor(folder=folder)
+    executor.update_parameters(**slurm_parameters(res, name, after))
+    if len(jobs) == 1:
+        submitted = [executor.submit(jobs[0])]
+    else:
+        with executor.batch():
+            submitted = [executor.submit(job) for job in jobs]
+    return [Submitted(j.job_id, str(j.paths.stdout), str(j.paths.stderr)) for j in submitted]
+
+
+def submit_slurm(plan, actions: dict[str, str], states: dict[str, StageStatus], profile: Profile,
+                 folder: Path, run_cfg: RunConfig, submit=None, log=print) -> dict[str, str]:
+    """Submit every stage marked ``submit``, upstream first. Stages of one kind, with the same
+    resources and the same dependencies, go as one job array. Returns stage key -> job id.
+    ``submit``: how a group is submitted (default :func:`slurm_submit`; tests fake it)."""
+    submit = submit or slurm_submit
+    job_ids = {k: states[k].job_id for k, a in actions.items() if a == "inflight"}
+    todo = [k for k, a in actions.items() if a == "submit"]
+    wave: dict[str, int] = {}
+    for key in todo:
+        ups = [wave[r.stage] for r in plan.stages[key].inputs() if r.stage in wave]
+        wave[key] = 1 + max(ups) if ups else 0
+    stale = [states[k].job_id for k in todo if "can never start" in states[k].detail and states[k].job_id]
+    if stale:
+        subprocess.run(["scancel", *stale], capture_output=True, timeout=30)
+    uid = folder.name.rsplit("-", 1)[-1]
+    for level in sorted(set(wave.values())):
+        groups: dict[tuple, list[str]] = {}
+        for key in (k for k in todo if wave[k] == level):
+            stage = plan.stages[key]
+            after = tuple(sorted({job_ids[r.stage] for r in stage.inputs() if r.stage in job_ids}))
+            groups.setdefault((stage.kind, profile.for_kind(stage.kind), after), []).append(key)
+        for (kind, res, after), keys in groups.items():
+            name = f"hpckd-{kind}-{uid}"
+            previous = {k: _prepare(plan.stages[k].run_dir(plan.root).path) for k in keys}
+            jobs = [StageJob(plan.stages[k], plan.root.resolve(), run_cfg, threads=res.cpus_per_task) for k in keys]
+            for key, sub in zip(keys, submit(folder, jobs, res, name, list(after))):
+                job_ids[key] = sub.job_id
+                write_job(plan.stages[key].run_dir(plan.root).path, _new_record(
+                    "slurm", previous[key], job_id=sub.job_id, name=name, folder=str(folder), stdout=sub.stdout,
+                    stderr=sub.stderr, after=list(after), resources=as_dict(res)))
+            array = f" as an array of {len(keys)}" if len(keys) > 1 else ""
+            dep = f", after {','.join(after)}" if after else ""
+            log(f"[submitted] {kind} x{len(keys)}{array}: job {job_ids[keys[0]].split('_')[0]} ({describe(res)}{dep})")
+    return {k: job_ids[k] for k in todo}
+
+
+def follow(plan, poll_s: float = 2.0, timeout_s: float | None = None, log=print) -> dict[str, StageStatus]:
+    """The live view of ``--wait``: print each stage's state changes and, while anything runs,
+    the progress of running stages, until nothing is queued or running."""
+    shape, seen, last_summary, started = graph(plan), {}, "", time.monotonic()
+    while True:
+        states = stage_states(plan.root, shape)
+        for key, st in states.items():
+            if seen.get(key) != st.state:
+                seen[key] = st.state
+                what = f"never ran because {st.blocked_by} failed" if st.state == "blocked" else first_line(st.detail)
+                log(f"[{st.state}] {key} ({shape[key]['role']}) {what}".rstrip())
+        active = [k for k, st in states.items() if st.state in ("pending", "running")]
+        summary = counts(states) + "".join(f"; {k}: {p}" for k in active if (p := _progress(plan, k)))
+        if summary != last_summary:
+            log(f"  ... {summary}")
+            last_summary = summary
+        if not active:
+            return states
+        if timeout_s is not None and time.monotonic() - started > timeout_s:
+            log(f"[wait] gave up after {timeout_s:.0f}s; the jobs keep running")
+            return states
+        time.sleep(poll_s)
+
+
+def _progress(plan, key: str) -> str:
+    """``epoch e/E step s`` from a running stage's metrics.jsonl (cheap: reads its tail)."""
+    path = plan.stages[key].run_dir(plan.root).metrics_file
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 2048))
+            last = f.read().decode(errors="replace").strip().splitlines()[-1]
+    except (OSError, IndexError):
+        return ""
+    import json
+
+    try:
+        record = json.loads(last)
+    except ValueError:
+        return ""
+    train = getattr(plan.stages[key], "train", None)
+    epochs = f"/{train.epochs}" if train is not None else ""
+    return f"epoch {record.get('epoch', 0) + 1}{epochs} step {record.get('step')}"
+
+
+# -- local and debug --------------------------------------------------------------------------
+
+
+def run_here(plan, actions: dict[str, str], run_cfg: RunConfig, *, folder: Path | None = None, jobs: int = 1,
+             profile: Profile | None = None, log=print, poll_s: float = 0.2) -> dict[str, str]:
+    """Run the ``submit`` stages on this machine in dependency order: in this process when
+    ``folder`` is None (debug), else as up to ``jobs`` submitit subprocesses. Returns each
+    stage's outcome: done | failed | blocked | inflight (left to SLURM) ."""
+    outcome = {k: a for k, a in actions.items() if a != "submit"}
+    waiting = [k for k, a in actions.items() if a == "submit"]
+    running: dict[str, tuple] = {}
+    executor = None if folder is None else submitit.LocalExecutor(folder=folder)
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    try:
+        while waiting or running:
+            for key in list(waiting):
+                ins = [outcome.get(r.stage) for r in plan.stages[key].inputs()]
+                if any(i in ("failed", "blocked", "inflight") for i in ins):
+                    waiting.remove(key)
+                    outcome[key] = "blocked"
+                    cause = next(r.stage for r in plan.stages[key].inputs() if outcome.get(r.stage) != "done")
+                    why = "is still queued or running on SLURM" if outcome[cause] == "inflight" else "did not finish"
+                    log(f"[skip] {key}: never ran, because {cause} {why}")
+                elif all(i == "done" for i in ins) and len(running) < jobs:
+                    waiting.remove(key)
+                    running[key] = _start(plan, key, run_cfg, executor, profile, threads, log)
+            for key, (job, started) in list(running.items()):
+                if job is None or job.done():
+                    del running[key]
+                    outcome[key] = _finish(plan, key, job, started, log)
+            if running and executor is not None:
+                time.sleep(poll_s)
+    except KeyboardInterrupt:
+        for job, _ in running.values():
+            if job is not None:
+                job.cancel(check=False)
+        raise
+    return outcome
+
+
+def _start(plan, key, run_cfg, executor, profile, threads, log):
+    stage = plan.stages[key]
+    run_path = stage.run_dir(plan.root).path
+    previous = _prepare(run_path)
+    log(f"[run] {key} ({stage.role}" + (f", {stage.depth} layers)" if stage.depth else ")"))
+    job = StageJob(stage, plan.root.resolve(), run_cfg, threads=None if executor is None else threads)
+    started = time.time()
+    if executor is None:  # debug: right here, right now
+        write_job(run_path, _new_record("debug", previous, job_id=str(os.getpid())))
+        try:
+            job()
+        except Exception:
+            pass  # StageJob wrote error.json
+        return None, started
+    res = (profile or Profile(default=LOCAL_DEFAULT)).for_kind(stage.kind)
+    executor.update_parameters(**submitit_parameters(res, "local"))
+    submitted = executor.submit(job)
+    write_job(run_path, _new_record("local", previous, job_id=submitted.job_id, folder=str(executor.folder),
+                                    stdout=str(submitted.paths.stdout), stderr=str(submitted.paths.stderr)))
+    return submitted, started
+
+
+def _finish(plan, key, job, started, log) -> str:
+    run = plan.stages[key].run_dir(plan.root)
+    seconds = time.time() - started
+    if run.done():
+        log(f"[done] {key} in {seconds:.0f}s")
+        return "done"
+    error = run.path / "error.json"
+    if not error.exists():  # killed before the stage could say why
+        detail = "the job ended without a result"
+        if job is not None:
+            tail = (job.stderr() or "").strip().splitlines()[-3:]
+            detail += (": " + " | ".join(tail)) if tail else ""
+        write_json(error, {"error": detail, "log": str(job.paths.stderr) if job is not None else None})
+    from .rundir import read_json
+
+    log(f"[failed] {key}: {read_json(error).get('error')} (details: {error})")
+    return "failed"
