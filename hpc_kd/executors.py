@@ -30,8 +30,8 @@ from .status import StageStatus, counts, first_line, read_job, stage_states, wri
 
 #: sbatch flags every stage job gets: a job whose input failed is cancelled, not left pending.
 SLURM_FLAGS = {"kill-on-invalid-dep": "yes"}
-#: local runs have no scheduler to enforce a time limit; without a profile, effectively none.
-LOCAL_DEFAULT = Resources(time_min=7 * 24 * 60)
+#: how often a local run prints the progress of its running stages
+PROGRESS_EVERY_S = 15
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -126,7 +126,8 @@ def _new_record(executor: str, previous: dict | None, **fields) -> dict:
     if previous:
         history = previous.get("previous", []) + [{k: previous.get(k) for k in ("executor", "job_id", "state", "submitted")}]
     return {"executor": executor, "attempt": len(history) + 1, "previous": history, "state": "submitted",
-            "submitted_at": time.time(), "submitted": time.strftime("%Y-%m-%d %H:%M:%S"), **fields}
+            "host": socket.gethostname(), "submitted_at": time.time(), "submitted": time.strftime("%Y-%m-%d %H:%M:%S"),
+            **fields}
 
 
 def _prepare(run_path: Path) -> dict | None:
@@ -273,15 +274,22 @@ def run_here(plan, actions: dict[str, str], run_cfg: RunConfig, *, folder: Path 
     running: dict[str, tuple] = {}
     executor = None if folder is None else submitit.LocalExecutor(folder=folder)
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    shown, next_show = "", time.monotonic() + PROGRESS_EVERY_S
     try:
         while waiting or running:
+            if executor is not None and time.monotonic() > next_show:
+                now = "; ".join(f"{k}: {p}" for k in running if (p := _progress(plan, k)))
+                if now and now != shown:
+                    log(f"  ... {now}")
+                shown, next_show = now, time.monotonic() + PROGRESS_EVERY_S
             for key in list(waiting):
                 ins = [outcome.get(r.stage) for r in plan.stages[key].inputs()]
                 if any(i in ("failed", "blocked", "inflight") for i in ins):
                     waiting.remove(key)
                     outcome[key] = "blocked"
                     cause = next(r.stage for r in plan.stages[key].inputs() if outcome.get(r.stage) != "done")
-                    why = "is still queued or running on SLURM" if outcome[cause] == "inflight" else "did not finish"
+                    why = f"is still queued or running (job {states_note(plan, cause)})" if outcome[cause] == "inflight" \
+                        else "did not finish"
                     log(f"[skip] {key}: never ran, because {cause} {why}")
                 elif all(i == "done" for i in ins) and len(running) < jobs:
                     waiting.remove(key)
@@ -300,6 +308,11 @@ def run_here(plan, actions: dict[str, str], run_cfg: RunConfig, *, folder: Path 
     return outcome
 
 
+def states_note(plan, key: str) -> str:
+    record = read_job(plan.stages[key].run_dir(plan.root).path) or {}
+    return f"{record.get('executor')} {record.get('job_id')}"
+
+
 def _start(plan, key, run_cfg, executor, profile, threads, log):
     stage = plan.stages[key]
     run_path = stage.run_dir(plan.root).path
@@ -314,7 +327,7 @@ def _start(plan, key, run_cfg, executor, profile, threads, log):
         except Exception:
             pass  # StageJob wrote error.json
         return None, started
-    res = (profile or Profile(default=LOCAL_DEFAULT)).for_kind(stage.kind)
+    res = (profile or Profile()).for_kind(stage.kind)
     executor.update_parameters(**submitit_parameters(res, "local"))
     submitted = executor.submit(job)
     write_job(run_path, _new_record("local", previous, job_id=submitted.job_id, folder=str(executor.folder),

@@ -21,6 +21,10 @@ from pathlib import Path
 from .config import ConfigError, from_dict, read_yaml
 
 
+#: the local executor's time limit: a week, i.e. none
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60
+
+
 @dataclass(frozen=True)
 class Resources:
     """One stage job's request. ``None`` leaves the cluster's default in place."""
@@ -109,10 +113,12 @@ def submitit_parameters(res: Resources, cluster: str = "slurm") -> dict:
     """The one place where resources become submitit parameters.
 
     ``slurm``: :class:`submitit.SlurmExecutor` parameters (its sbatch names). ``local``:
-    :class:`submitit.LocalExecutor` parameters (one node; CPU and memory are not enforced there).
+    :class:`submitit.LocalExecutor` parameters: GPUs, tasks and setup lines apply; CPUs and memory
+    are not enforced on this machine, and neither is the time limit (no scheduler would requeue
+    a stage stopped by it: it runs until it ends).
     """
     if cluster == "local":
-        return {"timeout_min": res.time_min, "gpus_per_node": res.gpus_per_node,
+        return {"timeout_min": LOCAL_TIMEOUT_MIN, "gpus_per_node": res.gpus_per_node,
                 "tasks_per_node": res.tasks_per_node, "setup": list(res.setup)}
     if cluster != "slurm":
         raise ValueError(f"unknown cluster kind {cluster!r}")

@@ -140,9 +140,10 @@ def _job_state(record: dict | None, live: dict | None) -> tuple[str, str, str | 
     if not record:
         return "missing", "not submitted", None
     log = record.get("stderr")
-    if record.get("executor") != "slurm":
-        # local and debug jobs live as long as their launcher, which holds the lock meanwhile
-        return "missing", f"interrupted {record.get('executor')} run (resumes from its checkpoint)", log
+    if record.get("executor") != "slurm":  # local and debug jobs: a process on this machine
+        if _alive(record):
+            return "running", f"{record.get('executor')} job {record.get('job_id')}", log
+        return "missing", f"{record.get('executor')} run ended without a result (interrupted)", log
     jid = record.get("job_id")
     if live is None:
         return "pending", f"job {jid}: SLURM cannot be asked (last seen {record.get('state', 'submitted')})", log
@@ -165,6 +166,19 @@ def _job_state(record: dict | None, live: dict | None) -> tuple[str, str, str | 
         return "missing", f"job {jid} was cancelled before it ran (an input failed)", None
     exit_code = info.get("ExitCode", "")
     return "failed", f"job {jid} {state}" + (f" (exit {exit_code})" if exit_code else ""), log
+
+
+def _alive(record: dict) -> bool:
+    """Is the process of a local or debug job still running (on this host)?"""
+    import socket
+
+    if record.get("host") != socket.gethostname():
+        return False
+    try:
+        cmdline = Path(f"/proc/{int(record.get('job_id'))}/cmdline").read_bytes()
+    except (OSError, TypeError, ValueError):
+        return False
+    return b"submitit" in cmdline or b"hpc_kd" in cmdline
 
 
 def stage_states(root: Path, graph: dict[str, dict], live: dict | None | bool = True) -> dict[str, StageStatus]:

@@ -72,8 +72,8 @@ def test_translation_to_submitit_parameters():
     # unset fields leave the cluster's defaults alone; fractional memory goes to MB
     assert submitit_parameters(Resources(mem_gb=1.5), "slurm") == {
         "nodes": 1, "ntasks_per_node": 1, "cpus_per_task": 1, "mem": "1536MB", "time": 60}
-    assert submitit_parameters(CLUSTER, "local") == {
-        "timeout_min": 720, "gpus_per_node": 4, "tasks_per_node": 4,
+    assert submitit_parameters(CLUSTER, "local") == {  # no time limit without a scheduler to requeue
+        "timeout_min": 7 * 24 * 60, "gpus_per_node": 4, "tasks_per_node": 4,
         "setup": ["module load cuda/12.1", "source /opt/venv/bin/activate"]}
 
 
@@ -235,3 +235,22 @@ def test_lock_prevents_duplicate_submission(tiny_model, tmp_path, monkeypatch, c
     assert "[lock] waiting for pid" in capsys.readouterr().err
     records = [json.loads(p.read_text()) for p in (root / "runs").glob("*/job.json")]
     assert sorted(r["job_id"] for r in records) == sorted(queue)
+
+
+def test_local_jobs_are_running_while_their_process_lives():
+    import socket
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "submitit"])
+    try:
+        local = {"executor": "local", "job_id": str(proc.pid), "host": socket.gethostname()}
+        deadline = time.monotonic() + 10  # /proc/<pid>/cmdline is empty for a moment after the exec
+        while not Path(f"/proc/{proc.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status._job_state(local, {})[0] == "running"
+        assert status._job_state({**local, "host": "elsewhere"}, {})[0] == "missing"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert status._job_state(local, {})[0] == "missing"  # it ended without a result: a relaunch runs it
