@@ -44,25 +44,33 @@ class StageJob(submitit.helpers.Checkpointable):
         self.stage, self.root, self.run_cfg, self.threads = stage, Path(root), run_cfg, threads
 
     def __call__(self) -> dict:
-        rank = int(os.environ.get("SLURM_PROCID", os.environ.get("SUBMITIT_LOCAL_GLOBALID", "0")))
-        if rank != 0:  # stages are single-process: the other tasks of the allocation stay idle
-            print(f"[hpc_kd] rank {rank}: {self.stage.key} runs on rank 0 only", flush=True)
-            return {"key": self.stage.key, "state": "idle"}
+        # With several tasks, every task calls the stage as one rank (hpc_kd.distributed decides
+        # who writes what); this wrapper only talks on rank 0.
+        main = _rank() == 0
         run = self.stage.run_dir(self.root)
-        if run.checkpoint.exists():
-            print(f"[hpc_kd] {self.stage.key}: resuming from {run.checkpoint}", flush=True)
-        else:
-            print(f"[hpc_kd] {self.stage.key}: starting", flush=True)
+        if main:
+            state = f"resuming from {run.checkpoint}" if run.checkpoint.exists() else "starting"
+            print(f"[hpc_kd] {self.stage.key}: {state}", flush=True)
         run_cfg = self.run_cfg if self.run_cfg.threads or not self.threads else replace(self.run_cfg, threads=self.threads)
         try:
             self.stage(self.root, run_cfg)
         except Exception as err:  # recorded for `status`; re-raised so the scheduler sees a failure
-            run.path.mkdir(parents=True, exist_ok=True)
-            write_json(run.path / "error.json", {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
-                                                 "job_id": _current_job_id(), "host": socket.gethostname(), "log": _current_log()})
+            if main:
+                run.path.mkdir(parents=True, exist_ok=True)
+                write_json(run.path / "error.json", {
+                    "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
+                    "job_id": _current_job_id(), "host": socket.gethostname(), "log": _current_log()})
             raise
-        print(f"[hpc_kd] {self.stage.key}: done", flush=True)
+        if main:
+            print(f"[hpc_kd] {self.stage.key}: done", flush=True)
         return {"key": self.stage.key, "state": "done"}
+
+
+def _rank() -> int:
+    for var in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
 
 
 def _current_job_id() -> str | None:

@@ -33,7 +33,7 @@ class Resources:
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    #: nodes, and tasks (processes) per node; only rank 0 runs a single-process stage.
+    #: nodes, and tasks (processes) per node: each task is one rank of the stage (hpc_kd.distributed).
     nodes: int = 1
     tasks_per_node: int = 1
     gpus_per_node: int = 0

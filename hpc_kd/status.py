@@ -183,16 +183,14 @@ def _alive(record: dict) -> bool:
 
 def stage_states(root: Path, graph: dict[str, dict], live: dict | None | bool = True) -> dict[str, StageStatus]:
     """The state of every stage. ``graph``: stage key -> {"needs": [keys], "run": folder}, in
-    topological order (``sweep.json``'s ``stages``). ``live``: scheduler info, True to ask the
-    scheduler, False to decide from the files alone."""
+    topological order (see :func:`ordered`). ``live``: True asks the scheduler about the jobs on
+    record; a dict is its answer, already known (None: it could not be asked)."""
     root = Path(root)
     runs = {k: root / info.get("run", f"runs/{k}") for k, info in graph.items()}
     records = {k: read_job(path) for k, path in runs.items() if not (path / "result.json").is_file()}
     records = {k: r for k, r in records.items() if r}
     if live is True:
         live = live_jobs(records)
-    elif live is False:
-        live = {}
     out: dict[str, StageStatus] = {}
     for key, info in graph.items():
         run, record = runs[key], records.get(key)
@@ -233,7 +231,7 @@ def sweep_graph(root: Path) -> dict[str, dict]:
 
 def ordered(sweep: dict) -> dict[str, dict]:
     stages = sweep["stages"]
-    order = sweep.get("order") or list(stages)
+    order = sweep.get("order") or list(dict.fromkeys([k for c in sweep.get("cells", []) for k in c["chain"]] + list(stages)))
     done: dict[str, dict] = {}
     while len(done) < len(stages):  # a topological sort that keeps ``order`` where it can
         for key in order:
