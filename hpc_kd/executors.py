@@ -10,11 +10,11 @@ submitted stage gets a ``job.json`` record in its run folder.
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import socket
 import subprocess
-import sys
 import time
 import traceback
 import uuid
@@ -25,7 +25,7 @@ import submitit
 
 from .config import RunConfig
 from .resources import Profile, Resources, as_dict, describe, submitit_parameters
-from .rundir import write_json
+from .rundir import read_json, write_json
 from .status import StageStatus, counts, first_line, read_job, stage_states, write_job
 
 #: sbatch flags every stage job gets: a job whose input failed is cancelled, not left pending.
@@ -258,8 +258,6 @@ def _progress(plan, key: str) -> str:
             last = f.read().decode(errors="replace").strip().splitlines()[-1]
     except (OSError, IndexError):
         return ""
-    import json
-
     try:
         record = json.loads(last)
     except ValueError:
@@ -356,7 +354,5 @@ def _finish(plan, key, job, started, log) -> str:
             tail = (job.stderr() or "").strip().splitlines()[-3:]
             detail += (": " + " | ".join(tail)) if tail else ""
         write_json(error, {"error": detail, "log": str(job.paths.stderr) if job is not None else None})
-    from .rundir import read_json
-
-    log(f"[failed] {key}: {read_json(error).get('error')} (details: {error})")
+    log(f"[failed] {key}: {first_line(read_json(error).get('error', ''))} (details: {error})")
     return "failed"

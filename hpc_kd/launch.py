@@ -119,48 +119,64 @@ def main(argv=None) -> int:
     started = time.time()
     try:
         with launch_lock(executors.runs_dir(plan)):
-            write_json(plan.root / "sweep.json", sweep_record(plan))
-            states = stage_states(plan.root, executors.graph(plan))
-            record_states(plan, states)
-            actions = executors.decide(plan, states, args.retry)
-            print(describe(plan, states, actions))
-            for key, action in actions.items():
-                if action == "failed":
-                    print(f"[failed] {key}: {states[key].detail} (pass --retry to run it again)", file=sys.stderr)
+            states, actions = _look(plan, args.retry)
             folder = plan.root / "submitit" / executors.launch_id()
             if args.executor == "slurm":
                 submitted = _submit(plan, actions, states, profile, folder)
                 if submitted is None:
                     return 2
             else:
-                log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
                 outcome = executors.run_here(plan, actions, plan.run, folder=None if args.executor == "debug" else folder,
-                                             jobs=args.jobs, profile=profile, log=log)
+                                             jobs=args.jobs, profile=profile, log=_log)
                 record_states(plan, stage_states(plan.root, executors.graph(plan)))
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; a relaunch resumes the rest", file=sys.stderr)
         return 130
-    if args.executor == "slurm":
-        queued = sum(a == "inflight" for a in actions.values())
-        if not args.wait and (submitted or queued):
-            print(f"\n{len(submitted)} stage jobs submitted, {queued} already queued or running. "
-                  f"Follow with: python -m hpc_kd.launch status {plan.root}")
-            return 0 if all(a in ("done", "submit", "inflight") for a in actions.values()) else 1
-        if not args.wait:  # nothing to wait for
-            return _finish(plan, {k: states[k].state for k in actions}, started)
-        states = executors.follow(plan, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.executor != "slurm":
+        return _finish(plan, outcome, started)
+    return _after_submit(plan, actions, states, submitted, args.wait, started)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _look(plan: Plan, retry: bool):
+    """Under the lock: record the sweep, find every stage's state, decide what to run."""
+    write_json(plan.root / "sweep.json", sweep_record(plan))
+    states = stage_states(plan.root, executors.graph(plan))
+    record_states(plan, states)
+    actions = executors.decide(plan, states, retry)
+    print(describe(plan, states, actions))
+    for key, action in actions.items():
+        if action == "failed":
+            _log(f"[failed] {key}: {states[key].detail} (pass --retry to run it again)")
+    return states, actions
+
+
+def _after_submit(plan: Plan, actions, states, submitted, wait: bool, started: float) -> int:
+    """SLURM: say what was queued and return, or follow the jobs to their end (``--wait``)."""
+    queued = sum(a == "inflight" for a in actions.values())
+    if not wait and (submitted or queued):
+        print(f"\n{len(submitted)} stage jobs submitted, {queued} already queued or running. "
+              f"Follow with: python -m hpc_kd.launch status {plan.root}")
+        return 0 if all(a in ("done", "submit", "inflight") for a in actions.values()) else 1
+    if wait:
+        try:
+            states = executors.follow(plan, log=_log)
+        except KeyboardInterrupt:
+            print(f"\nstopped following; the jobs keep running: python -m hpc_kd.launch status {plan.root}")
+            return 130
         with launch_lock(executors.runs_dir(plan)):
             record_states(plan, states)
-        outcome = {k: st.state for k, st in states.items()}
-    return _finish(plan, outcome, started)
+    return _finish(plan, {k: st.state for k, st in states.items()}, started)
 
 
 def _submit(plan, actions, states, profile, folder):
     from .resources import Profile
 
     try:
-        return executors.submit_slurm(plan, actions, states, profile or Profile(), folder, plan.run,
-                                      log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        return executors.submit_slurm(plan, actions, states, profile or Profile(), folder, plan.run, log=_log)
     except RuntimeError as err:  # e.g. no srun/sbatch here
         print(f"slurm error: {err}", file=sys.stderr)
         return None

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from hpc_kd import executors, launch, status
 from hpc_kd.config import ConfigError
