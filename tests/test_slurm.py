@@ -127,6 +127,14 @@ def test_two_launches_at_once_submit_each_stage_once(tiny_model, tmp_path, roots
     assert len(jobs) == 5 and all(r["attempt"] == 1 for r in jobs.values())
     submitted = [int(n) for _, err in outs for n in re.findall(r"^\[submitted\] \w+ x(\d+)", err, re.M)]
     assert sum(submitted) == 5
+    # while queued, status and the table say so (from the scheduler, not from the files alone)
+    status = launch("status", root)
+    assert status.returncode == 0 and "5 stages: " in status.stdout
+    assert not re.search(r"failed|blocked|missing", status.stdout), status.stdout
+    aggregate = subprocess.run([sys.executable, "-m", "hpc_kd.aggregate", str(root)], capture_output=True, text=True,
+                               timeout=120, cwd=REPO)
+    assert aggregate.returncode == 0, aggregate.stderr
+    assert {r["state"] for r in table(root)} <= {"pending", "running", "done"}
 
 
 def test_failed_teacher_blocks_dependents(tiny_model, tmp_path, roots):
