@@ -92,7 +92,7 @@ def _current_log() -> str | None:
 def graph(plan) -> dict[str, dict]:
     """Stage key -> {"needs", "run", ...}: the shape :func:`hpc_kd.status.stage_states` reads."""
     return {key: {"kind": s.kind, "role": s.role, "layers": s.depth, "needs": sorted({r.stage for r in s.inputs()}),
-                  "run": str(s.run_dir(plan.root).path.relative_to(plan.root))} for key, s in plan.stages.items()}
+                  "run": os.path.relpath(s.run_dir(plan.root).path, plan.root)} for key, s in plan.stages.items()}
 
 
 def runs_dir(plan) -> Path:
