@@ -112,6 +112,35 @@ def write_tables(root: str | Path, rows: list[dict]) -> str:
     return markdown
 
 
+def cache_note(root: Path) -> str:
+    """One line on the logit caches of the sweep and their size on disk."""
+    sweep = read_json(root / "sweep.json")
+    sizes = []
+    for key, info in sweep["stages"].items():
+        run = RunDir(root / "runs" / key)
+        if info["kind"] == "cache" and run.done():
+            res = run.result()
+            sizes.append((res["rows"], res["bytes"]))
+    if not sizes:
+        return ""
+    total = sum(b for _, b in sizes)
+    return f"logit caches: {len(sizes)} ({', '.join(f'{r} rows' for r, _ in sizes)}), {total / 1024:.1f} KiB on disk\n"
+
+
+def aggregate(root: str | Path) -> str:
+    """Write the table, and for sweeps with finished students the statistics and plots; return
+    what to print."""
+    from .report import write_report
+
+    root = Path(root)
+    rows = collect(root)
+    text = write_tables(root, rows) + cache_note(root)
+    summary = write_report(root, rows)
+    if summary:
+        text += "\n" + summary + f"\n(written to {root}/table.md, summary.md and plots/)\n"
+    return text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hpc_kd.aggregate", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", help="results/<sweep>, the folder holding sweep.json")
@@ -120,7 +149,7 @@ def main(argv=None) -> int:
     if not (root / "sweep.json").is_file():
         print(f"error: {root} holds no sweep.json (launch a sweep into it first)", file=sys.stderr)
         return 2
-    print(write_tables(root, collect(root)), end="")
+    print(aggregate(root), end="")
     return 0
 
 

@@ -42,11 +42,17 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def __init__(self, stage, root: str | Path, run_cfg: RunConfig, threads: int | None = None):
         self.stage, self.root, self.run_cfg, self.threads = stage, Path(root), run_cfg, threads
+        self.key = stage.key  # as the launcher saw it
 
     def __call__(self) -> dict:
         # With several tasks, every task calls the stage as one rank (hpc_kd.distributed decides
         # who writes what); this wrapper only talks on rank 0.
         main = _rank() == 0
+        if self.stage.key != self.key:
+            # The job unpickles the stage with the code installed now: if that code computes
+            # another signature, the results would land in a folder nobody waits for.
+            raise RuntimeError(f"the hpc_kd code changed between submission and run: stage {self.key} "
+                               f"is now {self.stage.key}; launch the sweep again")
         run = self.stage.run_dir(self.root)
         if main:
             state = f"resuming from {run.checkpoint}" if run.checkpoint.exists() else "starting"

@@ -183,10 +183,10 @@ def _submit(plan, actions, states, profile, folder):
 
 
 def _finish(plan, outcome: dict, started: float) -> int:
-    from .aggregate import collect, write_tables
+    from .aggregate import aggregate
 
     print()
-    print(write_tables(plan.root, collect(plan.root)), end="")
+    print(aggregate(plan.root), end="")
     done = sum(s == "done" for s in outcome.values())
     print(f"\n{done}/{len(outcome)} stages done in {time.time() - started:.0f}s; table: {plan.root / 'table.md'}")
     return 0 if done == len(outcome) else 1

@@ -56,8 +56,9 @@ def summary(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda r: (-(r.get("depth") or 0), str(r.get("tutor_update")), str(r.get("policy"))))
 
 
-def _correct(root: Path, run: str) -> np.ndarray:
-    return np.asarray(RunDir(root / "runs" / run).result()["validation"]["correct"], dtype=float)
+def _correct(root: Path, run: str) -> np.ndarray | None:
+    correct = RunDir(root / "runs" / run).result()["validation"].get("correct")  # absent in older results
+    return None if correct is None else np.asarray(correct, dtype=float)
 
 
 def paired_vs_kd(root: Path, rows: list[dict], n_boot: int = 4000, seed: int = 0) -> list[dict]:
@@ -87,7 +88,12 @@ def paired_vs_kd(root: Path, rows: list[dict], n_boot: int = 4000, seed: int = 0
             half = _t975(n - 1) * diffs.std(ddof=1) / math.sqrt(n)
             row["t_low"], row["t_high"] = mean - half, mean + half
         # paired bootstrap: resample sentences (same ones for both models) and seeds
-        d = np.stack([_correct(root, m["run"]) - _correct(root, b["run"]) for m, b in pairs])  # [seeds, sentences]
+        per_example = [(_correct(root, m["run"]), _correct(root, b["run"])) for m, b in pairs]
+        row["boot_low"] = row["boot_high"] = None
+        if any(a is None or c is None for a, c in per_example):
+            out.append(row)
+            continue
+        d = np.stack([a - c for a, c in per_example])  # [seeds, sentences]
         idx = rng.integers(0, d.shape[1], size=(n_boot, d.shape[1]))
         per_seed = d[:, idx].mean(axis=2)  # [seeds, boot]
         pick = rng.integers(0, n, size=(n_boot, n))
@@ -117,7 +123,7 @@ def summary_markdown(summ: list[dict], paired: list[dict]) -> str:
               "| depth | policy | tutor | n | Δ accuracy | t interval | paired bootstrap |", "|---|---|---|---|---|---|---|"]
     for r in paired:
         t = f"[{_pct(r['t_low'], True)}, {_pct(r['t_high'], True)}]" if r["t_low"] is not None else "–"
-        b = f"[{_pct(r['boot_low'], True)}, {_pct(r['boot_high'], True)}]"
+        b = f"[{_pct(r['boot_low'], True)}, {_pct(r['boot_high'], True)}]" if r["boot_low"] is not None else "–"
         lines.append(f"| {r.get('depth')} | {r.get('policy')} | {r.get('tutor_update')} | {r['n']} | {_pct(r['diff'], True)} | {t} | {b} |")
     return "\n".join(lines) + "\n"
 

@@ -253,3 +253,20 @@ def test_local_jobs_are_running_while_their_process_lives():
         proc.kill()
         proc.wait(timeout=10)
     assert status._job_state(local, {})[0] == "missing"  # it ended without a result: a relaunch runs it
+
+
+def test_stage_job_refuses_a_stage_whose_signature_changed(tmp_path):
+    """A job runs with the code installed when it starts: if that code gives the stage another
+    signature, the job must fail loudly instead of writing into a folder nobody waits for."""
+    import dataclasses
+
+    from hpc_kd.executors import StageJob
+    from hpc_kd.stages import FineTune
+    from hpc_kd.config import DataConfig, RunConfig, TrainConfig
+
+    stage = FineTune(DataConfig(), "embedded", None, "first", 0, TrainConfig())
+    job = StageJob(stage, tmp_path, RunConfig(progress=False))
+    job.stage = dataclasses.replace(stage, seed=1)  # what a changed signature looks like
+    with pytest.raises(RuntimeError, match="code changed between submission and run"):
+        job()
+    assert not (tmp_path / "runs").exists()
