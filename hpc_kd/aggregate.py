@@ -141,13 +141,21 @@ def aggregate(root: str | Path) -> str:
     return text
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hpc_kd.aggregate", description=__doc__.splitlines()[0])
+def sweep_dir_argument(prog: str, description: str, argv) -> Path | None:
+    """Parse ``SWEEP_DIR`` for a command that reads a launched sweep; None (after one line on
+    stderr) when the folder holds no sweep.json."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("sweep_dir", help="results/<sweep>, the folder holding sweep.json")
-    args = parser.parse_args(argv)
-    root = Path(args.sweep_dir)
+    root = Path(parser.parse_args(argv).sweep_dir)
     if not (root / "sweep.json").is_file():
         print(f"error: {root} holds no sweep.json (launch a sweep into it first)", file=sys.stderr)
+        return None
+    return root
+
+
+def main(argv=None) -> int:
+    root = sweep_dir_argument("python -m hpc_kd.aggregate", __doc__.splitlines()[0], argv)
+    if root is None:
         return 2
     print(aggregate(root), end="")
     return 0

@@ -11,7 +11,6 @@ States: ``done``, ``running``, ``pending`` (queued, or waiting for its inputs), 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import os
@@ -285,13 +284,10 @@ def report(root: Path, states: dict[str, StageStatus]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hpc_kd.launch status",
-                                     description="Show where every stage of a launched sweep stands.")
-    parser.add_argument("sweep_dir", help="results/<sweep>, the folder holding sweep.json")
-    args = parser.parse_args(argv)
-    root = Path(args.sweep_dir)
-    if not (root / "sweep.json").is_file():
-        print(f"error: {root} holds no sweep.json (launch a sweep into it first)", file=sys.stderr)
+    from .aggregate import sweep_dir_argument
+
+    root = sweep_dir_argument("python -m hpc_kd.launch status", "Show where every stage of a launched sweep stands.", argv)
+    if root is None:
         return 2
     print(report(root, sweep_states(root)), end="")
     return 0

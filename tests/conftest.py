@@ -66,3 +66,33 @@ def tiny_config(tiny_model: Path, root: Path, **sections) -> dict:
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def strip_times(result: dict) -> dict:
+    """A result without its wall-clock field, for exact comparisons between runs."""
+    return {k: v for k, v in result.items() if k != "train_seconds"}
+
+
+class Killed(Exception):
+    """Raised from a step hook to simulate a job killed mid-run."""
+
+
+def interrupt_and_resume(plan, key: str, at_step: int) -> dict:
+    """Run the stages ``key`` needs, kill ``key`` right after optimiser step ``at_step``, check
+    it left a checkpoint and no result, resume it, and return the resumed result."""
+    import pytest
+
+    for other, stage in plan.stages.items():
+        if other == key:
+            break
+        stage(plan.root, plan.run)
+
+    def kill(trainer, record):
+        if trainer.p.step == at_step:
+            raise Killed
+
+    with pytest.raises(Killed):
+        plan.stages[key](plan.root, plan.run, on_step=kill)
+    run = plan.stages[key].run_dir(plan.root)
+    assert run.checkpoint.exists() and not run.done()
+    return plan.stages[key](plan.root, plan.run)

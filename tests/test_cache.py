@@ -14,7 +14,7 @@ from hpc_kd.data import Dataset
 from hpc_kd.models import load_classifier, load_pretrained, load_tokenizer, save_model
 from hpc_kd.plan import build_plan
 
-from .conftest import tiny_config
+from .conftest import interrupt_and_resume, strip_times, tiny_config
 
 DATA = DataConfig(max_train_examples=96, max_eval_examples=48, max_length=24)
 
@@ -214,19 +214,4 @@ def test_refresh_mode_rebuilds_the_tutor_cache_each_epoch_and_resumes(tiny_model
     # interrupted mid-epoch 2 and resumed: identical to the uninterrupted run
     cfg = from_dict(ExperimentConfig, tiny_config(tiny_model, tmp_path / "b", **sections))
     plan_b = build_plan([({}, cfg)])
-    for k, stage in plan_b.stages.items():
-        if k != key:
-            stage(plan_b.root, plan_b.run)
-
-    class Killed(Exception):
-        pass
-
-    def kill(trainer, record):
-        if trainer.p.step == 9:
-            raise Killed
-
-    with pytest.raises(Killed):
-        plan_b.stages[key](plan_b.root, plan_b.run, on_step=kill)
-    resumed = plan_b.stages[key](plan_b.root, plan_b.run)
-    strip = lambda r: {k: v for k, v in r.items() if k != "train_seconds"}  # noqa: E731
-    assert strip(resumed) == strip(results[key])
+    assert strip_times(interrupt_and_resume(plan_b, key, 9)) == strip_times(results[key])

@@ -11,7 +11,9 @@ from hpc_kd.config import ExperimentConfig, from_dict
 from hpc_kd.plan import build_plan
 from hpc_kd.stages import ModelRef
 
-from .conftest import tiny_config
+from hpc_kd.rundir import RunDir
+
+from .conftest import interrupt_and_resume, strip_times, tiny_config
 
 
 def make_plan(tiny_model, root, **sections):
@@ -24,10 +26,6 @@ def run_all(plan, on_step=None):
     for key, stage in plan.stages.items():
         results[key] = stage(plan.root, plan.run, on_step=on_step)
     return results
-
-
-def strip_times(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k != "train_seconds"}
 
 
 def params_hash(model) -> str:
@@ -130,22 +128,9 @@ def test_resume_after_interruption_gives_identical_metrics(tiny_model, tmp_path,
     reference = run_all(ref_plan)
 
     plan = make_plan(tiny_model, tmp_path / "resumed", **sections)
-    *upstream, student_key = plan.stages
-    for key in upstream:
-        plan.stages[key](plan.root, plan.run)
-
-    class Killed(Exception):
-        pass
-
-    def kill(trainer, record):
-        if trainer.p.step == stop_after:
-            raise Killed
-
-    with pytest.raises(Killed):
-        plan.stages[student_key](plan.root, plan.run, on_step=kill)
+    student_key = list(plan.stages)[-1]
+    resumed = interrupt_and_resume(plan, student_key, stop_after)
     run = plan.stages[student_key].run_dir(plan.root)
-    assert run.checkpoint.exists() and not run.done()
-    resumed = plan.stages[student_key](plan.root, plan.run)
     assert strip_times(resumed) == strip_times(reference[student_key])
     ref_run = ref_plan.stages[student_key].run_dir(ref_plan.root)
     assert run.metrics() == ref_run.metrics()
@@ -233,22 +218,22 @@ def test_stateful_policies_resume_identically(tiny_model, tmp_path, policy):
     ref_plan = make_plan(tiny_model, tmp_path / "ref", **sections)
     reference = run_all(ref_plan)
     plan = make_plan(tiny_model, tmp_path / "resumed", **sections)
-    *upstream, student_key = plan.stages
-    for key in upstream:
-        plan.stages[key](plan.root, plan.run)
+    student_key = list(plan.stages)[-1]
+    states = []
+    original_load = RunDir.load_checkpoint
 
-    class Killed(Exception):
-        pass
+    def spy(self):
+        state = original_load(self)
+        states.append(state)
+        return state
 
-    def kill(trainer, record):
-        if trainer.p.step == 7:
-            raise Killed
-
-    with pytest.raises(Killed):
-        plan.stages[student_key](plan.root, plan.run, on_step=kill)
-    state = torch.load(plan.stages[student_key].run_dir(plan.root).checkpoint, weights_only=True)
-    assert state["policy"]  # the policy's state is in the checkpoint
-    assert strip_times(plan.stages[student_key](plan.root, plan.run)) == strip_times(reference[student_key])
+    RunDir.load_checkpoint = spy
+    try:
+        resumed = interrupt_and_resume(plan, student_key, 7)
+    finally:
+        RunDir.load_checkpoint = original_load
+    assert states[-1] is not None and states[-1]["policy"]  # the policy's state came back from the checkpoint
+    assert strip_times(resumed) == strip_times(reference[student_key])
 
 
 def test_students_can_start_from_the_pretrained_encoder(tiny_model, tmp_path):
