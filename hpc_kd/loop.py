@@ -25,25 +25,34 @@ from .rundir import RunDir
 MODEL_INPUTS = ("input_ids", "attention_mask")
 
 
+def param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices, none on biases and LayerNorm."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def linear_schedule(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor at each step: linear warm-up, then linear decay to zero."""
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return schedule
+
+
 class Trainee:
     """A model being trained: AdamW (no decay on biases and LayerNorm), linear warm-up then
-    linear decay to zero over ``total_steps``, gradient clipping."""
+    linear decay to zero over ``total_steps``, gradient clipping. (Under DeepSpeed:
+    :class:`hpc_kd.engine.EngineTrainee`.)"""
 
     def __init__(self, model, cfg: TrainConfig, total_steps: int):
         self.model, self.cfg = model, cfg
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-        )
-        warmup = int(cfg.warmup_ratio * total_steps)
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(cfg, total_steps))
 
     def step(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -105,9 +114,10 @@ class OnlineTutor:
     def __init__(self, model, cfg: TrainConfig):
         self.model, self.cfg, self.trainee = model.eval(), cfg, None
 
-    def start(self, total_steps: int) -> None:
-        """Build the optimiser once the run's length is known (its schedule spans the run)."""
-        self.trainee = Trainee(self.model, self.cfg, total_steps)
+    def start(self, total_steps: int, make: Callable | None = None) -> None:
+        """Build the optimiser once the run's length is known (its schedule spans the run);
+        ``make(model, cfg)`` builds another kind of trainee (the trainer's own)."""
+        self.trainee = make(self.model, self.cfg) if make else Trainee(self.model, self.cfg, total_steps)
 
     def logits(self, batch) -> torch.Tensor:
         return forward(self.model, batch)
@@ -216,10 +226,13 @@ class Trainer:
         self.batches_per_epoch = len(self._batches(0))
         self.total_steps = cfg.epochs * self.batches_per_epoch
         torch.manual_seed(seed)
-        self.student = Trainee(student.to(self.device).train(), cfg, self.total_steps)
+        self.student = self._trainee(student.to(self.device).train(), cfg)
         if task.tutor is not None and task.tutor.trainable:
-            task.tutor.start(self.total_steps)
+            task.tutor.start(self.total_steps, self._trainee)
         self.p = Progress(selection=_new_selection())
+
+    def _trainee(self, model, cfg: TrainConfig):
+        return Trainee(model, cfg, self.total_steps)
 
     # -- checkpoint: one dict ------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -273,7 +286,6 @@ class Trainer:
     def _train_epoch(self) -> None:
         from tqdm.auto import tqdm
 
-        train = self.data.encoded["train"]
         batches = self._batches(self.p.epoch)
         for source in (self.task.teacher, self.task.tutor):
             if hasattr(source, "start_epoch"):
@@ -281,8 +293,7 @@ class Trainer:
         bar = tqdm(total=len(batches), initial=self.p.batch, disable=not self.progress, leave=False,
                    desc=f"{self.run.path.name} epoch {self.p.epoch + 1}/{self.cfg.epochs}", unit="batch")
         for index in batches[self.p.batch:]:
-            batch = {k: v.to(self.device) for k, v in train.collate(index).items()}
-            record = self._step(batch)
+            record = self._train_step(index)
             self.p.batch += 1
             self.p.step += 1
             self.p.window[0] += record["loss"]
@@ -305,6 +316,18 @@ class Trainer:
 
     def _batches(self, epoch: int) -> list[np.ndarray]:
         return [self.train_index[b] for b in train_batches(self.train_lengths, self.cfg.batch_size, self.seed, epoch)]
+
+    def _train_step(self, index: np.ndarray) -> dict:
+        """One optimiser step on the training examples at ``index``."""
+        batch = {k: v.to(self.device) for k, v in self.data.encoded["train"].collate(index).items()}
+        return self._step(batch)
+
+    def _evaluate(self, model, split: str, per_example: bool = False) -> dict:
+        return evaluate(model, self.data.encoded[split], self.cfg.eval_batch_size, self.data.num_labels, self.device,
+                        per_example=per_example)
+
+    def _save(self, model, path) -> None:
+        save_model(model, self.tokenizer, path)
 
     def _step(self, batch) -> dict:
         """One optimiser step of the student (and, in TEID with an online tutor, maybe the tutor)."""
@@ -367,14 +390,13 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         """Validate, keep the best model, early-stop, record the epoch, checkpoint."""
-        val = evaluate(self.student.model, self.data.encoded["validation"], self.cfg.eval_batch_size,
-                       self.data.num_labels, self.device)
+        val = self._evaluate(self.student.model, "validation")
         improved = val["accuracy"] > self.p.best_accuracy
         if improved:
             self.p.best_accuracy, self.p.best_epoch, self.p.bad_epochs = val["accuracy"], self.p.epoch, 0
-            save_model(self.student.model, self.tokenizer, self.run.model)
+            self._save(self.student.model, self.run.model)
             if self.task.tutor is not None and self.task.tutor.trainable:
-                save_model(self.task.tutor.model, self.tokenizer, self.run.tutor)  # the tutor paired with it
+                self._save(self.task.tutor.model, self.run.tutor)  # the tutor paired with it
         else:
             self.p.bad_epochs += 1
         record = {"type": "epoch", "epoch": self.p.epoch, "step": self.p.step, "improved": improved,
@@ -397,8 +419,7 @@ class Trainer:
                   "steps": self.p.step, "train_seconds": round(seconds, 2)}
         for split in ("validation", "test"):
             if split in self.data.encoded:
-                result[split] = evaluate(best, self.data.encoded[split], self.cfg.eval_batch_size,
-                                         self.data.num_labels, self.device, per_example=True)
+                result[split] = self._evaluate(best, split, per_example=True)
         epochs = [m for m in self.run.metrics() if m["type"] == "epoch"]
         if self.task.teacher is not None:
             result["selection_per_epoch"] = [m["selection"] for m in epochs]
@@ -407,6 +428,5 @@ class Trainer:
             result["selection"] = totals
         if self.run.tutor.exists():
             tutor = load_classifier(self.run.tutor).to(self.device)
-            result["tutor_validation"] = evaluate(tutor, self.data.encoded["validation"], self.cfg.eval_batch_size,
-                                                  self.data.num_labels, self.device)
+            result["tutor_validation"] = self._evaluate(tutor, "validation")
         return result
