@@ -82,6 +82,33 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class DeepSpeedConfig:
+    """Train this stage under a DeepSpeed engine, on every rank the job has (see
+    :mod:`hpc_kd.engine`). ``train.batch_size`` stays the global batch: each optimiser step sees
+    the same examples whatever the number of ranks, so the ranks are a resource, not a setting.
+
+    Only ``precision`` enters the stage's signature (and only when not fp32): ZeRO stage,
+    accumulation and offload change how the step is computed, not what it computes."""
+
+    #: ZeRO stage: 0 (plain data parallel), 1 (optimizer state partitioned), 2 (+ gradients),
+    #: 3 (+ parameters; they are gathered to export the model).
+    zero_stage: int = 0
+    #: fp32, or mixed precision: bf16 (Ampere or newer GPUs, recent CPUs), fp16 (dynamic loss scaling).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    #: micro-batches per rank per optimiser step; each is batch_size / (ranks x this) examples.
+    gradient_accumulation: int = 1
+    #: keep the optimizer state (and its step) in CPU memory: ZeRO-Offload, needs zero_stage >= 1.
+    offload_optimizer: Literal["none", "cpu"] = "none"
+
+    def __post_init__(self):
+        if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        _at_least(self, "gradient_accumulation", 1)
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ConfigError("offload_optimizer", "needs zero_stage 1, 2 or 3 (ZeRO-Offload partitions the optimizer)")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation of one model: AdamW, linear warm-up then linear decay, gradient clipping."""
 
@@ -94,6 +121,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     #: early stopping: epochs without a better validation accuracy before stopping.
     patience: int = 2
+    #: run under DeepSpeed (several ranks, ZeRO, mixed precision); None: one process, plain PyTorch
+    #: (a job started on several ranks uses DeepSpeed's defaults then).
+    deepspeed: DeepSpeedConfig | None = None
 
     def __post_init__(self):
         if not self.lr > 0:
@@ -321,6 +351,9 @@ def _convert(tp, value, path):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        sections = [arg for arg in args if dataclasses.is_dataclass(arg)]
+        if sections and isinstance(value, dict):  # an optional section: keep the full key path in errors
+            return from_dict(sections[0], value, path)
         errors = []
         for arg in args:
             if arg is type(None):
