@@ -151,9 +151,19 @@ def finalize(folder: Path, prod: dict, num_labels: int, world_size: int = 1) -> 
 
 
 def write_cache(folder: Path, model, encoded, prod: dict, num_labels: int, **kw) -> dict:
-    """Single-process cache: write every shard, then the manifest."""
-    write_rank(folder, model, encoded, prod, num_labels, **kw)
-    return finalize(folder, prod, num_labels)
+    """Write a whole cache: every shard, then the manifest. Called on every rank of a job
+    (:mod:`hpc_kd.distributed`), each rank writes its slice, then rank 0 the one manifest."""
+    from . import distributed
+
+    world = distributed.current()
+    if world.size == 1:
+        write_rank(folder, model, encoded, prod, num_labels, **kw)
+        return finalize(folder, prod, num_labels)
+    kw["progress"] = kw.get("progress", False) and world.is_main
+    write_rank(folder, model, encoded, prod, num_labels, rank=world.rank, world_size=world.size, **kw)
+    distributed.barrier()
+    manifest = finalize(folder, prod, num_labels, world_size=world.size) if world.is_main else None
+    return distributed.broadcast(manifest)
 
 
 class LogitCache:

@@ -32,11 +32,23 @@ class ModelRef:
 DISPLAY_FIELDS = ("role", "iteration")
 
 
+def _without_execution(settings: dict) -> dict:
+    """A train section's ``deepspeed`` is how the stage runs, not what it computes: it is left
+    out of the signature, except a precision other than fp32 (which changes the numbers)."""
+    for key in ("train", "tutor_train"):
+        train = settings.get(key)
+        if isinstance(train, dict) and "deepspeed" in train:
+            ds = train.pop("deepspeed")
+            if ds and ds["precision"] != "fp32":
+                train["precision"] = ds["precision"]
+    return settings
+
+
 class Stage:
     kind = "stage"
 
     def settings(self) -> dict:
-        return {k: v for k, v in to_dict(self).items() if k not in DISPLAY_FIELDS}
+        return _without_execution({k: v for k, v in to_dict(self).items() if k not in DISPLAY_FIELDS})
 
     @property
     def signature(self) -> str:
@@ -53,8 +65,12 @@ class Stage:
         return RunDir(Path(root) / "runs" / self.key)
 
     def __call__(self, root: str | Path, run_cfg: RunConfig = RunConfig(), on_step=None) -> dict:
-        run = self.run_dir(root)
-        if run.done():
+        from . import distributed
+
+        # On several ranks (hpc_kd.distributed) every rank calls this; only rank 0 writes the
+        # folder, and rank 0's view of "done" is everyone's.
+        run = distributed.for_this_rank(self.run_dir(root))
+        if distributed.broadcast(run.done()):
             return run.result()
         for ref in self.inputs():
             if not (Path(root) / "runs" / ref.stage / "result.json").is_file():
@@ -67,6 +83,7 @@ class Stage:
         result.update({"key": self.key, "role": self.role})
         result.setdefault("layers", self.depth)
         run.finish(result)
+        distributed.finish_run(run)
         return result
 
     def execute(self, root: Path, run: RunDir, run_cfg: RunConfig, on_step) -> dict:
@@ -74,9 +91,25 @@ class Stage:
 
 
 def _device(run_cfg: RunConfig) -> str:
-    if run_cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return run_cfg.device
+    from .distributed import current, device_for
+
+    return device_for(current(), run_cfg.device)
+
+
+def _trainer(run, model, tokenizer, dataset, task, train: TrainConfig, seed: int, run_cfg: RunConfig, on_step):
+    """The loop's trainer: plain PyTorch in one process, DeepSpeed with a ``deepspeed`` section
+    or on several ranks."""
+    from . import distributed
+
+    options = _trainer_options(run_cfg, on_step)
+    if train.deepspeed is None and distributed.current().size == 1:
+        from .loop import Trainer
+
+        return Trainer(run, model, tokenizer, dataset, task, train, seed, **options)
+    from .engine import EngineTrainer
+
+    distributed.init(distributed.World(), options["device"])  # one rank: a private group (no-op on several)
+    return EngineTrainer(run, model, tokenizer, dataset, task, train, seed, **options)
 
 
 def _trainer_options(run_cfg: RunConfig, on_step) -> dict:
@@ -104,7 +137,7 @@ class FineTune(Stage):
 
     def execute(self, root, run, run_cfg, on_step):
         from .data import Dataset
-        from .loop import Task, Trainer
+        from .loop import Task
         from .models import depth, load_pretrained, load_tokenizer, param_count, shrink
 
         tokenizer = load_tokenizer(self.pretrained)
@@ -112,8 +145,7 @@ class FineTune(Stage):
         model = load_pretrained(self.pretrained, self.data.num_labels, self.seed)
         if self.layers is not None and self.layers != depth(model):
             model = shrink(model, self.layers, self.init, self.seed)
-        trainer = Trainer(run, model, tokenizer, dataset, Task(), self.train, self.seed,
-                          **_trainer_options(run_cfg, on_step))
+        trainer = _trainer(run, model, tokenizer, dataset, Task(), self.train, self.seed, run_cfg, on_step)
         result = trainer.fit()
         result.update({"params": param_count(model), "data_fingerprints": dataset.fingerprints})
         result["layers"] = depth(model)
@@ -167,15 +199,24 @@ class CacheLogits(Stage):
 
         from .cache import CacheError, LogitCache
 
+        from . import distributed
+
         expected = self.expected(root, dataset)
         ids = dataset.encoded[self.split].ids
         try:
-            return LogitCache.open(self.folder(root), expected, ids)
+            error = None
+            cache = LogitCache.open(self.folder(root), expected, ids)
         except CacheError as err:
-            print(f"[cache] {err}; rebuilding {self.key} from {self.model.stage}/{self.model.part}", file=sys.stderr)
-        run = self.run_dir(root)
-        (run.path / "result.json").unlink(missing_ok=True)
-        shutil.rmtree(self.folder(root), ignore_errors=True)
+            error = str(err)
+        if distributed.broadcast(error) is None:  # rank 0's verdict is everyone's
+            return cache
+        distributed.barrier()  # every rank is done reading before rank 0 deletes
+        if distributed.current().is_main:
+            print(f"[cache] {error}; rebuilding {self.key} from {self.model.stage}/{self.model.part}", file=sys.stderr)
+            run = self.run_dir(root)
+            (run.path / "result.json").unlink(missing_ok=True)
+            shutil.rmtree(self.folder(root), ignore_errors=True)
+        distributed.barrier()
         self(root, run_cfg)
         return LogitCache.open(self.folder(root), expected, ids)
 
@@ -220,7 +261,7 @@ class Distill(Stage):
 
     def execute(self, root, run, run_cfg, on_step):
         from .data import Dataset
-        from .loop import CachedLogits, FrozenModel, OnlineTutor, RefreshTutor, Task, Trainer
+        from .loop import CachedLogits, FrozenModel, OnlineTutor, RefreshTutor, Task
         from .models import load_classifier, load_pretrained, load_tokenizer, param_count, shrink
         from .policies import make_policy
 
@@ -248,8 +289,7 @@ class Distill(Stage):
             else:
                 tutor = FrozenModel(tutor_model)
         task = Task(teacher, tutor, make_policy(self.policy, self.policy_args), self.tau, self.alpha, self.loss)
-        trainer = Trainer(run, student, tokenizer, dataset, task, self.train, self.seed,
-                          **_trainer_options(run_cfg, on_step))
+        trainer = _trainer(run, student, tokenizer, dataset, task, self.train, self.seed, run_cfg, on_step)
         result = trainer.fit()
         result.update({"params": param_count(student), "policy": self.policy, "targets": "cache" if self.teacher_cache else "live", "seed": self.seed,
                        "tutor_update": self.tutor_update, "iteration": self.iteration,
@@ -269,14 +309,23 @@ class Distill(Stage):
             prod = {"weights": f"{self.key}@epoch{epoch}", "tokenizer": "", "max_length": self.data.max_length,
                     "dataset": self.data.name, "split": "train", "data": dataset.fingerprints["train"]}
             ids = dataset.encoded["train"].ids
+            from . import distributed
+            from .engine import partitioned, plain_copy
+
             try:
-                return LogitCache.open(folder, prod, ids)
+                valid = LogitCache.open(folder, prod, ids)
             except CacheError:
-                pass
-            for old in (run.path / "tutor_cache").glob("epoch-*"):
-                if old != folder:
-                    shutil.rmtree(old, ignore_errors=True)
-            write_cache(folder, tutor_model, dataset.encoded["train"], prod, self.data.num_labels,
+                valid = None
+            if distributed.broadcast(valid is not None):
+                return valid
+            distributed.barrier()
+            if distributed.current().is_main:
+                for old in (run.path / "tutor_cache").glob("epoch-*"):
+                    if old != folder:
+                        shutil.rmtree(old, ignore_errors=True)
+            # under ZeRO-3 ranks would run different numbers of (collective) forward passes
+            model = plain_copy(tutor_model).to(_device(run_cfg)) if partitioned(tutor_model) else tutor_model
+            write_cache(folder, model, dataset.encoded["train"], prod, self.data.num_labels,
                         rows_per_shard=run_cfg.cache_rows_per_shard, device=_device(run_cfg))
             tutor_model.eval()
             return LogitCache.open(folder, prod, ids)
