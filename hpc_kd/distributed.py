@@ -308,8 +308,9 @@ def finish_run(run: RunDir) -> None:
 
 
 def run_stage(stage, root, run_cfg, on_step=None):
-    """Run ``stage`` as one rank of the job this process belongs to (what a submitit job with
-    several tasks calls on every task). Returns the stage's result on every rank."""
+    """Run ``stage`` as one rank of the job this process belongs to: joins the process group
+    for the stage's duration. ``Stage.__call__`` does this by itself when it finds several
+    tasks and no group (so a submitit job just calls the stage on every task)."""
     world = detect()
     if world.size == 1:
         return stage(root, run_cfg, on_step=on_step)

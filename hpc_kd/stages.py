@@ -67,8 +67,11 @@ class Stage:
     def __call__(self, root: str | Path, run_cfg: RunConfig = RunConfig(), on_step=None) -> dict:
         from . import distributed
 
-        # On several ranks (hpc_kd.distributed) every rank calls this; only rank 0 writes the
-        # folder, and rank 0's view of "done" is everyone's.
+        if not distributed.active() and distributed.detect().size > 1:
+            # one task of a job with several (SLURM, submitit, torchrun): join the others first
+            return distributed.run_stage(self, root, run_cfg, on_step)
+        # On several ranks every rank calls this; only rank 0 writes the folder, and rank 0's
+        # view of "done" is everyone's.
         run = distributed.for_this_rank(self.run_dir(root))
         if distributed.broadcast(run.done()):
             return run.result()

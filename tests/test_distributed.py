@@ -363,3 +363,34 @@ def test_two_tasks_of_a_slurm_job_give_the_one_process_numbers(reference, quiet_
         assert got.result()["execution"]["ranks"] == 2
         assert np.allclose(losses(got.metrics()), losses(ref.metrics()), atol=TOL, rtol=0), key
         assert close(got.result()["validation"], ref.result()["validation"]), key
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_sweep_launched_on_slurm_with_two_tasks_per_stage(reference, quiet_model, tmp_path):
+    """The production path: ``launch --executor slurm`` with a profile of 2 tasks per job; each
+    stage job's tasks call the stage, which joins them into one process group."""
+    if shutil.which("sinfo") is None:
+        pytest.skip("SLURM is not installed here; bring it up with: bash slurm/up.sh")
+    sweep = write_yaml(tmp_path / "sweep.yaml", chain_config(quiet_model, tmp_path / "out", {"zero_stage": 1}))
+    profile = write_yaml(tmp_path / "two_tasks.yaml", {"default": {"partition": "debug", "nodes": 1, "tasks_per_node": 2,
+                                                                   "cpus_per_task": 1, "time_min": 30}})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HPC_KD_NO_PROGRESS": "1"}
+    plan = load_plan(sweep)
+    try:
+        out = subprocess.run([sys.executable, "-m", "hpc_kd.launch", str(sweep), "--executor", "slurm", "--profile",
+                              str(profile), "--wait"], capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=env, cwd=REPO)
+    finally:
+        ids = [json.loads(p.read_text()).get("job_id") for p in plan.root.glob("runs/*/job.json")]
+        subprocess.run(["scancel", *filter(None, ids)], capture_output=True, timeout=30)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    for key, stage in reference.stages.items():
+        got, ref = plan.stages[key].run_dir(plan.root), stage.run_dir(reference.root)
+        assert got.done(), (key, (out.stdout + out.stderr)[-3000:])
+        if stage.kind == "cache":
+            assert json.loads((got.path / "logits" / "manifest.json").read_text())["world_size"] == 2
+            continue
+        assert got.result()["execution"]["ranks"] == 2
+        assert len(got.metrics()) == len(ref.metrics())  # written once, by rank 0
+        assert np.allclose(losses(got.metrics()), losses(ref.metrics()), atol=TOL, rtol=0), key
+        assert close(got.result()["validation"], ref.result()["validation"]), key
