@@ -128,6 +128,8 @@ def submitit_parameters(res: Resources, cluster: str = "slurm") -> dict:
         "gpus_per_node": res.gpus_per_node or None, "cpus_per_task": res.cpus_per_task,
         "mem": None if res.mem_gb is None else _mem(res.mem_gb), "time": res.time_min,
         "constraint": res.constraint, "setup": list(res.setup) or None,
+        # a rank that dies must end the job, not leave the others waiting in a collective
+        "srun_args": ["--kill-on-bad-exit=1"] if res.nodes * res.tasks_per_node > 1 else None,
     }
     return {k: v for k, v in params.items() if v is not None}
 

@@ -26,4 +26,4 @@ source /opt/venv/bin/activate
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output /shared/results/demo/submitit/20250101-000000-abc123/%j_%t_log.out --error /shared/results/demo/submitit/20250101-000000-abc123/%j_%t_log.err /opt/venv/bin/python -u -m submitit.core._submit /shared/results/demo/submitit/20250101-000000-abc123
+srun --unbuffered --output /shared/results/demo/submitit/20250101-000000-abc123/%j_%t_log.out --error /shared/results/demo/submitit/20250101-000000-abc123/%j_%t_log.err --kill-on-bad-exit=1 /opt/venv/bin/python -u -m submitit.core._submit /shared/results/demo/submitit/20250101-000000-abc123
