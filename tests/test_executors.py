@@ -67,7 +67,8 @@ def test_translation_to_submitit_parameters():
     assert submitit_parameters(CLUSTER, "slurm") == {
         "partition": "gpu", "account": "lab", "qos": "high", "nodes": 2, "ntasks_per_node": 4, "gpus_per_node": 4,
         "cpus_per_task": 8, "mem": "256GB", "time": 720, "constraint": "a100",
-        "setup": ["module load cuda/12.1", "source /opt/venv/bin/activate"]}
+        "setup": ["module load cuda/12.1", "source /opt/venv/bin/activate"],
+        "srun_args": ["--kill-on-bad-exit=1"]}  # several tasks: one dead rank ends the job
     # unset fields leave the cluster's defaults alone; fractional memory goes to MB
     assert submitit_parameters(Resources(mem_gb=1.5), "slurm") == {
         "nodes": 1, "ntasks_per_node": 1, "cpus_per_task": 1, "mem": "1536MB", "time": 60}
