@@ -36,12 +36,13 @@ def students_done(rows: list[dict]) -> list[dict]:
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    groups = defaultdict(list)
+    groups = defaultdict(dict)
     for row in rows:
-        if row["role"] == "student":
-            groups[_group_key(row)].append(row)
+        if row["role"] == "student":  # one run may serve several cells (plain KD: every tutor mode)
+            groups[_group_key(row)][row["run"]] = row
     out = []
-    for key, members in groups.items():
+    for key, by_run in groups.items():
+        members = list(by_run.values())
         done = [m for m in members if m["state"] == "done"]
         acc = np.array([m["val_acc"] for m in done], dtype=float)
         f1 = np.array([m["val_macro_f1"] for m in done], dtype=float)

@@ -54,3 +54,10 @@ def test_report_files(sweep):
         assert (sweep / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     collapsed = [r for r in rows if r["role"] == "student" and r["collapsed"]]
     assert sorted(p.name for p in (sweep / "plots").glob("confusion_*.png")) == sorted(f"confusion_{r['run']}.png" for r in collapsed)
+
+
+def test_a_run_shared_by_cells_counts_once(sweep):
+    rows = collect(sweep)
+    doubled = rows + [dict(r) for r in rows if r["role"] == "student" and r["policy"] == "teacher"]
+    summ = {r["policy"]: r for r in summary(doubled)}
+    assert summ["teacher"]["n"] == 3 and summ["teacher"]["of"] == 3
