@@ -155,6 +155,7 @@ def plot_accuracy_vs_depth(summ: list[dict], path: Path) -> None:
                 ax.errorbar(d, np.array(m) * 100, yerr=np.array(s) * 100, marker="o", capsize=3,
                             label=policy, linestyle="--" if policy == "teacher" else "-")
         ax.set_title(f"tutor: {mode}" if mode else "students")
+        ax.set_xticks(sorted({r["depth"] for r in summ if r.get("depth") is not None}))
         ax.set_xlabel("student depth (layers)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation accuracy (%), mean ± std over seeds")
