@@ -140,10 +140,23 @@ def _plt():
     return plt
 
 
+def _panels(plt, n: int):
+    """One row of ``n`` panels (one per tutor mode) sharing the y axis."""
+    return plt.subplots(1, n, figsize=(6 * n, 4.5), sharey=True, squeeze=False)
+
+
+def _save_panels(plt, fig, axes, ylabel: str, path: Path) -> None:
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_accuracy_vs_depth(summ: list[dict], path: Path) -> None:
     plt = _plt()
     modes = sorted({r.get("tutor_update") for r in summ if r.get("tutor_update")}) or [None]
-    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), sharey=True, squeeze=False)
+    fig, axes = _panels(plt, len(modes))
     for ax, mode in zip(axes[0], modes):
         policies = sorted({r["policy"] for r in summ})
         for policy in policies:
@@ -158,11 +171,7 @@ def plot_accuracy_vs_depth(summ: list[dict], path: Path) -> None:
         ax.set_xticks(sorted({r["depth"] for r in summ if r.get("depth") is not None}))
         ax.set_xlabel("student depth (layers)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation accuracy (%), mean ± std over seeds")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_panels(plt, fig, axes, "validation accuracy (%), mean ± std over seeds", path)
 
 
 def plot_teacher_share(root: Path, rows: list[dict], path: Path) -> None:
@@ -178,7 +187,7 @@ def plot_teacher_share(root: Path, rows: list[dict], path: Path) -> None:
             curves[(r.get("tutor_update"), r["policy"])].append(
                 (np.array([m["step"] / total for m in logs]), np.array([m["teacher_share"] for m in logs])))
     modes = sorted({k[0] for k in curves}) or [None]
-    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), sharey=True, squeeze=False)
+    fig, axes = _panels(plt, len(modes))
     grid = np.linspace(0, 1, 21)
     for ax, mode in zip(axes[0], modes):
         for (m, policy), runs in sorted(curves.items(), key=lambda kv: str(kv[0])):
@@ -190,11 +199,7 @@ def plot_teacher_share(root: Path, rows: list[dict], path: Path) -> None:
         ax.set_xlabel("training progress")
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("share of weight on the teacher")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_panels(plt, fig, axes, "share of weight on the teacher", path)
 
 
 def plot_confusion(matrix: list[list[int]], title: str, path: Path) -> None:
