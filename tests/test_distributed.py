@@ -394,3 +394,27 @@ def test_a_sweep_launched_on_slurm_with_two_tasks_per_stage(reference, quiet_mod
         assert len(got.metrics()) == len(ref.metrics())  # written once, by rank 0
         assert np.allclose(losses(got.metrics()), losses(ref.metrics()), atol=TOL, rtol=0), key
         assert close(got.result()["validation"], ref.result()["validation"]), key
+
+
+@pytest.mark.slow
+def test_bf16_on_one_rank_trains_the_chain_close_to_fp32(quiet_model, reference, tmp_path):
+    """``precision: bf16`` (DeepSpeed's bf16 engine, which this CPU supports): the whole chain
+    runs, its losses track the fp32 ones to bf16's precision, and the exported models are fp32
+    Hugging Face checkpoints that load like any other."""
+    from hpc_kd.models import load_classifier
+
+    plan = run_here(chain_config(quiet_model, tmp_path, {"zero_stage": 2, "precision": "bf16"}))
+    ref_by_kind = {}
+    for key, stage in reference.stages.items():
+        ref_by_kind.setdefault(type(stage).__name__, []).append(stage.run_dir(reference.root))
+    for key, stage in plan.stages.items():
+        run = stage.run_dir(plan.root)
+        if type(stage).__name__ != "CacheLogits":
+            assert run.result()["execution"]["deepspeed"]["precision"] == "bf16"
+        if type(stage).__name__ == "FineTune":
+            got, ref = losses(run.metrics()), losses(ref_by_kind["FineTune"][0].metrics())
+            assert np.all(np.isfinite(got)) and len(got) == len(ref)
+            assert np.allclose(got, ref, atol=0.05, rtol=0) and not np.allclose(got, ref, atol=1e-6, rtol=0)
+        if run.model.exists():
+            model = load_classifier(run.model)
+            assert {p.dtype for p in model.parameters()} == {torch.float32}

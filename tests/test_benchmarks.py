@@ -1,0 +1,26 @@
+"""The benchmarks run (tiny model, a few steps): they are not timed here, only kept working."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_finetune_throughput_against_hf_trainer_runs_like_for_like(tiny_model):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "finetune_throughput.py"), "--pretrained", str(tiny_model),
+         "--device", "cpu", "--steps", "2", "--warmup", "1", "--rounds", "1", "--batch-size", "8",
+         "--max-length", "32", "--threads", "1"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in out.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| mode")}
+    assert set(rows) == {"hpc_kd loop", "hpc_kd DeepSpeed", "HF Trainer, same batches", "HF Trainer, default"}
+    # the same batches: the HF Trainer padded exactly as many tokens as hpc_kd (the script also checks each batch)
+    assert rows["HF Trainer, same batches"] == rows["hpc_kd loop"] == rows["hpc_kd DeepSpeed"]
+    assert "throughput ratio, hpc_kd DeepSpeed / HF Trainer (same batches):" in out.stdout
