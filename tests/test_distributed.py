@@ -397,20 +397,21 @@ def test_a_sweep_launched_on_slurm_with_two_tasks_per_stage(reference, quiet_mod
 
 
 @pytest.mark.slow
-def test_bf16_on_one_rank_trains_the_chain_close_to_fp32(quiet_model, reference, tmp_path):
-    """``precision: bf16`` (DeepSpeed's bf16 engine, which this CPU supports): the whole chain
-    runs, its losses track the fp32 ones to bf16's precision, and the exported models are fp32
-    Hugging Face checkpoints that load like any other."""
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_one_rank_trains_the_chain_close_to_fp32(quiet_model, reference, tmp_path, precision):
+    """``precision: bf16`` / ``fp16`` (DeepSpeed's engines for them; DeepSpeed's CPU accelerator
+    supports both): the whole chain runs, its losses track the fp32 ones to half precision, and
+    the exported models are fp32 Hugging Face checkpoints that load like any other."""
     from hpc_kd.models import load_classifier
 
-    plan = run_here(chain_config(quiet_model, tmp_path, {"zero_stage": 2, "precision": "bf16"}))
+    plan = run_here(chain_config(quiet_model, tmp_path, {"zero_stage": 2, "precision": precision}))
     ref_by_kind = {}
     for key, stage in reference.stages.items():
         ref_by_kind.setdefault(type(stage).__name__, []).append(stage.run_dir(reference.root))
     for key, stage in plan.stages.items():
         run = stage.run_dir(plan.root)
         if type(stage).__name__ != "CacheLogits":
-            assert run.result()["execution"]["deepspeed"]["precision"] == "bf16"
+            assert run.result()["execution"]["deepspeed"]["precision"] == precision
         if type(stage).__name__ == "FineTune":
             got, ref = losses(run.metrics()), losses(ref_by_kind["FineTune"][0].metrics())
             assert np.all(np.isfinite(got)) and len(got) == len(ref)
