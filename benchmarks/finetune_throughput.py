@@ -12,8 +12,8 @@ gradient clipping at 1.0; fresh classification head from the same seed):
     HF Trainer, default       transformers.Trainer as a user would start it: random batches,
                               padded by DataCollatorWithPadding (more padding per batch)
 
-Each mode runs --warmup steps, then --steps timed steps (CUDA synchronised at both ends); modes
-alternate round by round and the median over rounds is reported with examples/s, padded tokens
+Each measurement runs in a fresh process: --warmup steps, then --steps timed steps (CUDA
+synchronised at both ends); modes alternate round by round and the median over rounds is reported with examples/s, padded tokens
 per step and, on a GPU, peak memory. The last lines are the ratios of hpc_kd to the HF Trainer
 (same batches): above 1, hpc_kd is faster.
 
@@ -26,9 +26,12 @@ Needs ``accelerate`` (the HF Trainer's own dependency): ``pip install -e '.[test
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -110,13 +113,10 @@ def run_hpc_kd(setup: Setup, device: str, deepspeed: bool) -> tuple[float, float
         from hpc_kd.engine import EngineTrainer
 
         cfg = replace(setup.train_cfg, deepspeed=DeepSpeedConfig(zero_stage=args.zero, precision=args.precision))
-        environ = dict(os.environ)
         with distributed.session(distributed.World(), device):
             trainer = EngineTrainer(distributed.for_this_rank(run), setup.model(), setup.tokenizer, setup.dataset,
                                     Task(), cfg, 0, device=device)
             seconds = _time_steps(trainer, setup.batches, args.warmup, device)
-        os.environ.clear()  # the session's LOCAL_RANK etc. would make the HF Trainer expect a launcher
-        os.environ.update(environ)
     else:
         trainer = Trainer(run, setup.model(), setup.tokenizer, setup.dataset, Task(), setup.train_cfg, 0, device=device)
         seconds = _time_steps(trainer, setup.batches, args.warmup, device)
@@ -223,23 +223,28 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3))
     ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: all cores)")
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = [m for m in MODES if not (m == "hpc_kd loop" and args.precision != "fp32")]  # the loop is fp32 only
-    setup = Setup(args)
+    if args.worker is not None:
+        return worker(args, device, modes[args.worker])
     times = {m: [] for m in modes}
     peaks = {m: [] for m in modes}
-    tokens = {m: setup.padded_tokens(setup.batches) for m in modes}
-    for _ in range(args.rounds):
-        for mode in modes:
-            if mode.startswith("hpc_kd"):
-                t, peak = run_hpc_kd(setup, device, deepspeed=mode.endswith("DeepSpeed"))
-            else:
-                t, peak, tokens[mode] = run_hf(setup, device, same_batches=mode.endswith("same batches"))
-            times[mode].append(t)
-            peaks[mode].append(peak)
+    tokens = {}
+    for _ in range(args.rounds):  # every measurement in a fresh process: no state carries over
+        for i, mode in enumerate(modes):
+            cmd = [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv), "--worker", str(i)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+            if out.returncode != 0 or not lines:
+                raise SystemExit(f"{mode} failed:\n{(out.stdout + out.stderr)[-4000:]}")
+            result = json.loads(lines[-1][len("RESULT "):])
+            times[mode].append(result["s_per_step"])
+            peaks[mode].append(result["peak_gib"])
+            tokens[mode] = result["tokens_per_step"]
     where = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     import transformers
@@ -259,6 +264,17 @@ def main(argv=None):
             print(f"throughput ratio, {m} / HF Trainer (same batches): {ref / med[m]:.3f}")
     print(f"throughput ratio, HF Trainer same batches / HF Trainer default: {med['HF Trainer, default'] / ref:.3f}")
     return med
+
+
+def worker(args, device: str, mode: str) -> None:
+    """One measurement of one mode; prints a RESULT line as JSON."""
+    setup = Setup(args)
+    if mode.startswith("hpc_kd"):
+        seconds, peak = run_hpc_kd(setup, device, deepspeed=mode.endswith("DeepSpeed"))
+        tokens = setup.padded_tokens(setup.batches)
+    else:
+        seconds, peak, tokens = run_hf(setup, device, same_batches=mode.endswith("same batches"))
+    print("RESULT " + json.dumps({"s_per_step": seconds, "peak_gib": peak, "tokens_per_step": tokens}), flush=True)
 
 
 if __name__ == "__main__":
