@@ -13,8 +13,8 @@ gradient clipping at 1.0; fresh classification head from the same seed):
                               padded by DataCollatorWithPadding (more padding per batch)
 
 Each measurement runs in a fresh process: --warmup steps, then --steps timed steps (CUDA
-synchronised at both ends); modes alternate round by round and the median over rounds is reported with examples/s, padded tokens
-per step and, on a GPU, peak memory. The last lines are the ratios of hpc_kd to the HF Trainer
+synchronised at both ends); modes alternate round by round and the median over rounds is
+reported with examples/s, padded tokens per step and, on a GPU, peak memory. The last lines are the ratios of hpc_kd to the HF Trainer
 (same batches): above 1, hpc_kd is faster.
 
     python benchmarks/finetune_throughput.py [--device auto|cuda|cpu] [--precision fp32|bf16|fp16]
@@ -66,8 +66,7 @@ class Setup:
 
     def __init__(self, args):
         from hpc_kd.config import DataConfig, TrainConfig
-        from hpc_kd.data import Dataset
-        from hpc_kd.loop import Trainer
+        from hpc_kd.data import Dataset, train_batches
         from hpc_kd.models import load_tokenizer
 
         self.args = args
@@ -80,12 +79,9 @@ class Setup:
         self.train_cfg = TrainConfig(lr=5e-5, batch_size=args.batch_size, epochs=1)
         if len(self.dataset.encoded["train"]) < needed:
             raise SystemExit(f"only {len(self.dataset.encoded['train'])} training examples; need {needed}")
-        # hpc_kd's first epoch of batches, the order every hpc_kd mode and "same batches" use
-        probe = Trainer.__new__(Trainer)
-        probe.train_index = np.arange(len(self.dataset.encoded["train"]))
-        probe.train_lengths = self.dataset.encoded["train"].lengths
-        probe.cfg, probe.seed = self.train_cfg, 0
-        self.batches = Trainer._batches(probe, 0)[: args.warmup + args.steps]
+        # hpc_kd's first epoch of batches (the loop's own order), used by every hpc_kd mode and "same batches"
+        lengths = self.dataset.encoded["train"].lengths
+        self.batches = train_batches(lengths, args.batch_size, 0, 0)[: args.warmup + args.steps]
 
     def model(self):
         from hpc_kd.models import load_pretrained

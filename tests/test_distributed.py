@@ -30,7 +30,7 @@ from hpc_kd.config import ConfigError, DeepSpeedConfig, ExperimentConfig, TrainC
 from hpc_kd.distributed import World, detect, device_for, master_port, parse_nodelist, torchrun_command
 from hpc_kd.plan import build_plan, load_plan
 
-from .conftest import tiny_config, write_yaml
+from .conftest import require_slurm, tiny_config, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SNAPSHOTS = Path(__file__).parent / "snapshots"
@@ -336,8 +336,7 @@ def test_one_rank_under_deepspeed_is_the_plain_loop(quiet_model, reference, tmp_
 def test_two_tasks_of_a_slurm_job_give_the_one_process_numbers(reference, quiet_model, tmp_path):
     """submitit, ``ntasks_per_node=2`` on the test cluster (slurm/up.sh): each task finds its rank
     in SLURM's variables, the master in the node list, the port from the job id."""
-    if shutil.which("sinfo") is None:
-        pytest.skip("SLURM is not installed here; bring it up with: bash slurm/up.sh")
+    require_slurm()
     import submitit
 
     sweep = write_yaml(tmp_path / "sweep.yaml", chain_config(quiet_model, tmp_path / "out", {"zero_stage": 2}))
@@ -370,8 +369,7 @@ def test_two_tasks_of_a_slurm_job_give_the_one_process_numbers(reference, quiet_
 def test_a_sweep_launched_on_slurm_with_two_tasks_per_stage(reference, quiet_model, tmp_path):
     """The production path: ``launch --executor slurm`` with a profile of 2 tasks per job; each
     stage job's tasks call the stage, which joins them into one process group."""
-    if shutil.which("sinfo") is None:
-        pytest.skip("SLURM is not installed here; bring it up with: bash slurm/up.sh")
+    require_slurm()
     sweep = write_yaml(tmp_path / "sweep.yaml", chain_config(quiet_model, tmp_path / "out", {"zero_stage": 1}))
     profile = write_yaml(tmp_path / "two_tasks.yaml", {"default": {"partition": "debug", "nodes": 1, "tasks_per_node": 2,
                                                                    "cpus_per_task": 1, "time_min": 30}})

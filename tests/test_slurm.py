@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 from hpc_kd.executors import sbatch_script
 from hpc_kd.resources import load_profile
 
-from .conftest import tiny_config, write_yaml
+from .conftest import require_slurm, tiny_config, write_yaml
 
 pytestmark = pytest.mark.slurm
 
@@ -30,8 +29,7 @@ TIMEOUT = 300  # seconds for any launch that waits for its jobs
 
 @pytest.fixture(scope="module")
 def cluster():
-    if shutil.which("sinfo") is None:
-        pytest.skip("SLURM is not installed here (no sinfo on PATH); bring it up with: bash slurm/up.sh")
+    require_slurm()
     out = subprocess.run(["sinfo", "-h", "-o", "%a %t"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, f"sinfo is installed but SLURM does not answer: {out.stderr.strip()} (bash slurm/up.sh)"
     return out.stdout
