@@ -397,11 +397,21 @@ def test_a_sweep_launched_on_slurm_with_two_tasks_per_stage(reference, quiet_mod
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_on_one_rank_trains_the_chain_close_to_fp32(quiet_model, reference, tmp_path, precision):
-    """``precision: bf16`` / ``fp16`` (DeepSpeed's engines for them; DeepSpeed's CPU accelerator
-    supports both): the whole chain runs, its losses track the fp32 ones to half precision, and
+    """``precision: bf16`` / ``fp16`` (DeepSpeed's engines for them): where DeepSpeed's
+    accelerator supports the precision (its CPU accelerator: fp16 needs AVX-512), the whole chain runs, its losses track the fp32 ones to half precision, and
     the exported models are fp32 Hugging Face checkpoints that load like any other."""
+    from deepspeed.accelerator import get_accelerator
+
+    from hpc_kd.config import ConfigError, DeepSpeedConfig
+    from hpc_kd.engine import _check_precision
     from hpc_kd.models import load_classifier
 
+    acc = get_accelerator()
+    if not {"bf16": acc.is_bf16_supported, "fp16": acc.is_fp16_supported}[precision]():
+        # this CPU has no such kernels (e.g. fp16 on AMD EPYC without AVX-512): the stage is refused
+        with pytest.raises(ConfigError, match=f"deepspeed.precision: {precision} is not supported on this machine's"):
+            _check_precision(DeepSpeedConfig(precision=precision))
+        return
     plan = run_here(chain_config(quiet_model, tmp_path, {"zero_stage": 2, "precision": precision}))
     ref_by_kind = {}
     for key, stage in reference.stages.items():
