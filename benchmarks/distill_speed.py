@@ -29,7 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from hpc_kd.cache import LogitCache, producer, write_cache  # noqa: E402
 from hpc_kd.config import DataConfig, TrainConfig  # noqa: E402
 from hpc_kd.data import Dataset, train_batches  # noqa: E402
-from hpc_kd.loop import CachedLogits, FrozenModel, OnlineTutor, Task, Trainer  # noqa: E402
+from hpc_kd.loop import Trainer  # noqa: E402
+from hpc_kd.sources import CachedLogits, FrozenModel, OnlineTutor  # noqa: E402
+from hpc_kd.step import Task  # noqa: E402
 from hpc_kd.models import load_classifier, load_pretrained, load_tokenizer, save_model, shrink  # noqa: E402
 from hpc_kd.policies import make_policy  # noqa: E402
 from hpc_kd.rundir import RunDir  # noqa: E402

@@ -39,7 +39,8 @@ def worker(args) -> None:
     from hpc_kd import distributed
     from hpc_kd.config import DataConfig, DeepSpeedConfig, TrainConfig
     from hpc_kd.data import Dataset
-    from hpc_kd.loop import Task, Trainer
+    from hpc_kd.loop import Trainer
+    from hpc_kd.step import Task
     from hpc_kd.models import load_pretrained, load_tokenizer
     from hpc_kd.rundir import RunDir
 

@@ -99,7 +99,8 @@ def run_hpc_kd(setup: Setup, device: str, deepspeed: bool) -> tuple[float, float
 
     from hpc_kd import distributed
     from hpc_kd.config import DeepSpeedConfig
-    from hpc_kd.loop import Task, Trainer
+    from hpc_kd.loop import Trainer
+    from hpc_kd.step import Task
     from hpc_kd.rundir import RunDir
 
     args = setup.args

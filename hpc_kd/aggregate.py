@@ -18,8 +18,8 @@ from pathlib import Path
 from .rundir import RunDir, read_json, write_atomic
 from .status import ordered, stage_states
 
-COLUMNS = ["role", "depth", "policy", "seed", "tutor_update", "val_acc", "val_macro_f1", "test_acc",
-           "teacher_share", "teacher_batches", "collapsed", "params", "state", "run"]
+COLUMNS = ["role", "depth", "iteration", "chain", "policy", "seed", "tutor_update", "test_acc", "test_macro_f1",
+           "val_acc", "val_macro_f1", "teacher_share", "teacher_batches", "collapsed", "params", "state", "run"]
 
 STANDARD_AXES = ("student.layers", "distill.policy", "seed", "distill.tutor_update")
 
@@ -35,6 +35,7 @@ def _row(root: Path, key: str, sweep: dict, extra: dict, states: dict) -> dict:
         row["val_acc"] = res["validation"]["accuracy"]
         row["val_macro_f1"] = res["validation"]["macro_f1"]
         row["test_acc"] = res["test"]["accuracy"] if "test" in res else None
+        row["test_macro_f1"] = res["test"]["macro_f1"] if "test" in res else None
         row["collapsed"] = res["validation"]["collapsed"]
         row["params"] = res.get("params")
         sel = res.get("selection")
@@ -63,9 +64,13 @@ def collect(root: str | Path, states: dict | None = None) -> list[dict]:
     for cell in sweep["cells"]:
         # grid axes that have no column of their own (tau, alpha, ...) get one, by last key part
         axes = {k.rsplit(".", 1)[-1]: v for k, v in cell["values"].items() if k not in STANDARD_AXES}
+        depths = []
         for key in cell["chain"]:
             if role(key) == "student":
-                extra = {"policy": cell["policy"], "seed": cell["seed"], "tutor_update": cell["tutor_update"], **axes}
+                # iteration k's student is told apart from another of its depth by the chain before it
+                depths.append(str(sweep["stages"][key]["layers"]))
+                extra = {"iteration": len(depths), "chain": "→".join(depths), "policy": cell["policy"],
+                         "seed": cell["seed"], "tutor_update": cell["tutor_update"], **axes}
                 rows.append(_row(root, key, sweep, extra, states))
     return rows
 
@@ -105,7 +110,7 @@ def write_tables(root: str | Path, rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(root / "table.csv", buf.getvalue())
-    table = pa.Table.from_pylist([{c: (None if row.get(c) is None else str(row[c]) if c in ("teacher_batches", "run", "state", "role", "policy", "tutor_update") else row.get(c)) for c in cols} for row in rows])
+    table = pa.Table.from_pylist([{c: (None if row.get(c) is None else str(row[c]) if c in ("teacher_batches", "run", "state", "role", "policy", "tutor_update", "chain") else row.get(c)) for c in cols} for row in rows])
     tmp = root / ".table.parquet.tmp"
     pq.write_table(table, tmp)
     tmp.replace(root / "table.parquet")

@@ -97,7 +97,7 @@ def write_rank(folder: Path, model, encoded, prod: dict, num_labels: int, *, row
     from tqdm.auto import tqdm
 
     from .data import eval_batches
-    from .loop import forward
+    from .sources import forward
     from .rundir import write_atomic
 
     folder = Path(folder)

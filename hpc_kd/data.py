@@ -23,9 +23,6 @@ import torch
 
 from .config import ConfigError, DataConfig
 
-SPLITS = ("train", "validation", "test")
-
-
 @dataclass(frozen=True)
 class Split:
     ids: np.ndarray  # int64, unique

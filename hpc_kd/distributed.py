@@ -261,6 +261,11 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def partitioned(model) -> bool:
+    """True when ZeRO-3 holds the parameters in pieces (a forward pass is then collective)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def _collective_device() -> torch.device:
     if _dist().get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

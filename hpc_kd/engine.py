@@ -1,24 +1,16 @@
 """Training under DeepSpeed: :mod:`hpc_kd.loop`'s trainee and trainer on one or many ranks.
 
-How the ranks share one optimiser step, so that 2 ranks give what 1 rank gives on the same
-``train.batch_size`` (the global batch):
+What is distributed lives here; what a step computes does not: the step is
+:func:`hpc_kd.step.train_step` and evaluation :func:`hpc_kd.loop.evaluate`, the same functions the
+one-process loop runs, with collectives that are no-ops for one rank. This module adds:
 
-- The batches are the one-process batches. Rank ``r`` takes the ``r``-th contiguous slice of each
-  (``np.array_split``), cut again into ``gradient_accumulation`` micro-batches. A rank whose
+- the cutting of a batch: ``train.batch_size`` stays the global batch; rank ``r`` takes the
+  ``r``-th contiguous slice of each one-process batch (``np.array_split``), cut again into
+  ``gradient_accumulation`` micro-batches (:meth:`EngineTrainer._micro_batches`). A rank whose
   micro-batch is empty (a batch smaller than ranks x micro-batches) runs the batch's first
-  example with weight 0, so that every rank takes part in every collective.
-- A micro-batch's loss is the *sum* of its examples' losses x ranks x micro-batches / batch
-  size. DeepSpeed averages gradients over ranks and divides by the accumulation steps, so the
-  step's gradient is exactly the mean over the batch, however the batch was cut.
-- TEID: the selection policy sees the whole batch. Per-example losses, logits and labels are
-  gathered from every rank; every rank runs the policy on them (so a stateful policy stays in
-  step everywhere) and rank 0's weights are broadcast, so that no rounding difference can ever
-  split the ranks. Any policy decides exactly as it does in one process; selection counts are
-  kept identically on every rank and written once, by rank 0. An online tutor is a second
-  engine; its KD step toward the teacher is normalised by the teacher weight of the whole batch.
-- Validation: each rank predicts every ``ranks``-th length-sorted batch; predictions are gathered
-  and every rank computes the metrics from all of them (the one-process numbers). Under ZeRO-3
-  a forward pass is collective, so ranks then run equally many batches (repeating one).
+  example with weight 0, so that every rank takes part in every collective;
+- the engines: DeepSpeed averages gradients over ranks and divides by the accumulation steps; an
+  online tutor is a second engine stepping on the same micro-batches;
 - Only rank 0 writes the run's files (:class:`hpc_kd.distributed.FollowerRunDir`).
 - Checkpoint: models, optimisers and schedules through ``engine.save_checkpoint`` under
   ``<run>/deepspeed/{student,tutor}/<tag>``; the loop's one dict (progress, every rank's RNG
@@ -36,13 +28,12 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
-from . import distributed, losses
+from . import distributed
 from .config import ConfigError, DeepSpeedConfig, TrainConfig
-from .data import eval_batches
-from .loop import Progress, Trainer, forward, linear_schedule, param_groups
-from .metrics import classification_metrics
+from .distributed import partitioned
+from .loop import Progress, Trainer, linear_schedule, param_groups, set_rate
 from .models import save_model
-from .policies import Selection
+from .step import Micro
 
 
 def ds_config(cfg: TrainConfig, ds: DeepSpeedConfig, world_size: int) -> dict:
@@ -91,7 +82,8 @@ class EngineTrainee:
 
         distributed.quiet_deepspeed()
         _check_precision(ds)
-        schedule = linear_schedule(cfg, total_steps)
+        self.schedule = schedule = linear_schedule(cfg, total_steps)
+        self.last_rate: float | None = None
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
@@ -99,8 +91,12 @@ class EngineTrainee:
         self.cfg, self.ds, self.module = cfg, ds, model
         self.model = self.engine  # forward passes go through the engine (ZeRO-3 hooks, precision)
 
-    def step(self, loss: torch.Tensor) -> None:
+    def step(self, loss: torch.Tensor, at: int | None = None, share: float = 1.0) -> None:
+        """One micro-batch (see :meth:`hpc_kd.loop.Trainee.step` for ``at`` and ``share``)."""
         self.engine.backward(loss)
+        if at is not None:  # before the engine's step: it steps the optimiser at the boundary
+            set_rate(self.scheduler, self.schedule(at) * share)
+            self.last_rate = self.scheduler.optimizer.param_groups[0]["lr"]
         self.engine.step()
 
     def save(self, folder, tag: str) -> None:
@@ -110,11 +106,6 @@ class EngineTrainee:
         path, _ = self.engine.load_checkpoint(str(folder), tag=tag)
         if path is None:
             raise FileNotFoundError(f"DeepSpeed checkpoint {folder}/{tag} is missing")
-
-
-def partitioned(model) -> bool:
-    """True when ZeRO-3 holds the parameters in pieces (a forward pass is then collective)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 def gathered(model):
@@ -151,7 +142,7 @@ class EngineTrainer(Trainer):
         self.world = distributed.current()
         self.ds = cfg.deepspeed or DeepSpeedConfig()
         super().__init__(run, student, tokenizer, dataset, task, cfg, seed, **options)
-        if task.tutor is not None and task.tutor.trainable:
+        if task.tutor_learns:
             # its forward passes go through its engine too (ZeRO-3 keeps its bookkeeping there)
             task.tutor.model = task.tutor.trainee.engine
             task.tutor.model.eval()  # as in one process: the online tutor has no dropout
@@ -162,9 +153,10 @@ class EngineTrainer(Trainer):
         ds = replace(cfg.deepspeed or DeepSpeedConfig(), gradient_accumulation=self.ds.gradient_accumulation)
         return EngineTrainee(model, cfg, self.total_steps, ds, self.world.size)
 
-    # -- one step, shared by the ranks ---------------------------------------------------------
-    def _micro_batches(self, index: np.ndarray):
-        """This rank's micro-batches of the batch ``index``: (batch, weight mask, real rows, first row)."""
+    # -- the ranks' part of a batch (the step itself is hpc_kd.step.train_step) ---------------
+    def _micro_batches(self, index: np.ndarray) -> list[Micro]:
+        """This rank's micro-batches of the batch ``index``: the rank's contiguous slice, cut
+        into ``gradient_accumulation`` pieces; an empty piece runs the batch's first row, masked."""
         world, k = self.world, self.ds.gradient_accumulation
         slices = np.array_split(index, world.size)
         start = sum(len(s) for s in slices[: world.rank])
@@ -173,135 +165,11 @@ class EngineTrainer(Trainer):
             rows = part if len(part) else index[:1]
             batch = {key: v.to(self.device) for key, v in self.data.encoded["train"].collate(rows).items()}
             mask = torch.full((len(rows),), 1.0 if len(part) else 0.0, device=self.device)
-            out.append((batch, mask, len(part), start))
+            out.append(Micro(batch, mask, start, len(part)))
             start += len(part)
         return out
 
-    def _train_step(self, index: np.ndarray) -> dict:
-        task, n = self.task, len(index)
-        micro = self._micro_batches(index)
-        scale = self.world.size * len(micro) / n
-        record = {"step": self.p.step}
-        if task.tutor is not None:
-            loss_sum = self._teid(micro, scale, record)
-        else:
-            loss_sum = 0.0
-            for batch, mask, _, _ in micro:
-                z_s = forward(self.student.model, batch).float()
-                if task.teacher is None:  # fine-tuning
-                    per_example = losses.cross_entropy(z_s, batch["labels"])
-                else:  # classic KD
-                    z_t = task.teacher.logits(batch).float()
-                    per_example = losses.distillation_loss(z_s, z_t, batch["labels"], task.tau, task.alpha, task.term)
-                self.student.step((mask * per_example).sum() * scale)
-                loss_sum += float((mask * per_example).detach().sum())
-            if task.teacher is not None:
-                self._count(torch.ones(n))
-                record["teacher_weight"] = 1.0
-        if self.probe is not None:
-            now = self._probe_loss()
-            task.policy.feedback(self.p.probe_loss - now)
-            self.p.probe_loss = now
-        record["loss"] = float(distributed.all_sum([loss_sum])[0]) / n
-        return record
-
-    def _teid(self, micro, scale: float, record: dict) -> float:
-        """TEID on this rank's micro-batches. With one micro-batch: forward, select, backward.
-        With several, the policy must see all of them before any backward, so a first pass
-        without gradients computes what it sees and a second pass, replaying the same dropout
-        masks, does forward + backward per micro-batch: ZeRO-3 needs forward/backward pairs, and
-        activations stay those of one micro-batch (what accumulation is for)."""
-        task, two_pass = self.task, len(micro) > 1
-        rng = torch.get_rng_state() if two_pass else None
-        outs = []
-        for batch, mask, real, start in micro:
-            with torch.no_grad() if two_pass else nullcontext():
-                z_s = forward(self.student.model, batch).float()
-                z_u = task.tutor.logits(batch)  # keeps its graph for a live online tutor's update
-            o = {"batch": batch, "mask": mask, "real": real, "start": start, "z_s": z_s, "z_u": z_u,
-                 "z_t": task.teacher.logits(batch).float()}
-            outs.append(self._losses(o))
-        w_all = self._select(outs)
-        total_w = float(w_all.sum())
-        update_tutor = task.tutor.trainable and total_w > 0  # the same on every rank: w_all is
-        if two_pass:
-            torch.set_rng_state(rng)
-        loss_sum = 0.0
-        for o in outs:
-            y, mask = o["batch"]["labels"], o["mask"]
-            if two_pass:
-                o = self._losses({**o, "z_s": forward(self.student.model, o["batch"]).float()})
-            w = w_all[o["start"]: o["start"] + o["real"]] if o["real"] else torch.zeros(1)
-            w = w.to(self.device, o["l_t"].dtype)
-            if task.policy.mixes_targets:
-                z_mix = losses.mix_targets(o["z_t"], o["z_u"].detach().float(), w, task.tau, task.term)
-                per_example = losses.distillation_loss(o["z_s"], z_mix, y, task.tau, task.alpha, task.term)
-            else:
-                per_example = w * o["l_t"] + (1 - w) * o["l_u"]
-            if update_tutor:  # "update tutor U from teacher T", on the examples the teacher won
-                if task.tutor.live:
-                    z_live = task.tutor.logits(o["batch"]) if two_pass else o["z_u"]
-                else:
-                    z_live = task.tutor.live_logits(o["batch"])
-                l_ut = losses.distillation_loss(z_live.float(), o["z_t"], y, task.tau, task.alpha, task.term)
-                task.tutor.update((mask * w * l_ut).sum() * self.world.size * len(micro) / total_w)
-            self.student.step((mask * per_example).sum() * scale)
-            loss_sum += float((mask * per_example).detach().sum())
-        self._count(w_all)
-        record["tutor_updated"] = update_tutor
-        record["teacher_weight"] = float(w_all.mean())
-        return loss_sum
-
-    def _losses(self, o: dict) -> dict:
-        t = self.task
-        y = o["batch"]["labels"]
-        o["l_t"] = losses.distillation_loss(o["z_s"], o["z_t"], y, t.tau, t.alpha, t.term)
-        o["l_u"] = losses.distillation_loss(o["z_s"], o["z_u"].detach().float(), y, t.tau, t.alpha, t.term)
-        return o
-
-    def _select(self, outs) -> torch.Tensor:
-        """The policy's weights for the whole batch (one per example, in batch order)."""
-        def rows(o):
-            r = o["real"]
-            cols = [o["l_t"][:r, None], o["l_u"][:r, None], o["z_s"][:r], o["z_t"][:r], o["z_u"][:r].float(),
-                    o["batch"]["labels"][:r, None].to(torch.float32)]
-            return torch.cat([c.detach().to(torch.float64) for c in cols], dim=1)
-
-        table = distributed.gather_rows(torch.cat([rows(o) for o in outs]))
-        c = outs[0]["z_s"].shape[1]
-        f32 = table.to(torch.float32)  # exact: every value was a float32 (or a small integer)
-        sel = Selection(f32[:, 0], f32[:, 1], f32[:, 2:2 + c], f32[:, 2 + c:2 + 2 * c], f32[:, 2 + 2 * c:2 + 3 * c],
-                        table[:, -1].to(torch.int64), self.p.step, self.total_steps)
-        w = self.task.policy.select(sel).to(torch.float32).cpu()
-        return distributed.broadcast(w)
-
-    # -- evaluation and export -----------------------------------------------------------------
-    def _evaluate(self, model, split: str, per_example: bool = False) -> dict:
-        data, world = self.data.encoded[split], self.world
-        batches = eval_batches(data.lengths, self.cfg.eval_batch_size)
-        mine = batches[world.rank::world.size]
-        if partitioned(model):  # collective forward passes: every rank runs as many
-            rounds = math.ceil(len(batches) / world.size)
-            mine = mine + [batches[0]] * (rounds - len(mine))
-        was_training = model.training
-        model.eval()
-        found = []
-        with torch.no_grad():
-            for i, index in enumerate(mine):
-                batch = {k: v.to(self.device) for k, v in data.collate(index).items()}
-                pred = forward(model, batch).argmax(-1).cpu()
-                if i * world.size + world.rank < len(batches):  # not a repeat
-                    found.append(torch.stack([torch.as_tensor(index), pred], dim=1))
-        model.train(was_training)
-        local = torch.cat(found) if found else torch.zeros((0, 2), dtype=torch.int64)
-        table = distributed.gather_rows(local)
-        preds = np.zeros(len(data), dtype=np.int64)
-        preds[table[:, 0].numpy()] = table[:, 1].numpy()
-        metrics = classification_metrics(data.labels, preds, self.data.num_labels)
-        if per_example:
-            metrics["correct"] = (preds == data.labels).astype(int).tolist()
-        return metrics
-
+    # -- export --------------------------------------------------------------------------------
     def _save(self, model, path) -> None:
         module = getattr(model, "module", model)
         if partitioned(module) or next(module.parameters()).dtype != torch.float32:
@@ -320,7 +188,7 @@ class EngineTrainer(Trainer):
         """Writes the engines' checkpoints (every rank), then returns the loop's dict naming them."""
         folder = self.run.path / "deepspeed"
         self.student.save(folder / "student", self._tag())
-        if self.task.tutor is not None and self.task.tutor.trainable:
+        if self.task.tutor_learns:
             self.task.tutor.trainee.save(folder / "tutor", self._tag())
         state = {"deepspeed": self._tag(), "world_size": self.world.size, "progress": dict(vars(self.p)),
                  "rng": distributed.all_gather_object(torch.get_rng_state())}
@@ -338,7 +206,7 @@ class EngineTrainer(Trainer):
                                f"{self.world.size}: resume with as many ranks (or delete it to restart)")
         folder, tag = self.run.path / "deepspeed", state["deepspeed"]
         self.student.load(folder / "student", tag)
-        if self.task.tutor is not None and self.task.tutor.trainable:
+        if self.task.tutor_learns:
             self.task.tutor.trainee.load(folder / "tutor", tag)
             self.task.tutor.model.eval()
         self.p = Progress(**state["progress"])

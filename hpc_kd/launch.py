@@ -19,7 +19,6 @@ from dataclasses import replace
 from . import executors
 from .config import ConfigError
 from .plan import Plan, load_plan
-from .policies import POLICIES
 from .resources import load_profile
 from .rundir import write_json
 from .status import launch_lock, read_job, stage_states, write_job
@@ -33,7 +32,7 @@ def sweep_record(plan: Plan) -> dict:
         "stages": executors.graph(plan),
         "order": list(plan.stages),  # topological
         "cells": [{"values": c.values, "policy": c.config.distill.policy, "seed": c.config.seed,
-                   "tutor_update": None if POLICIES[c.config.distill.policy].teacher_only else c.config.distill.tutor_update,
+                   "tutor_update": c.tutor_mode.label,
                    "chain": list(c.chain)} for c in plan.cells],
     }
 

@@ -1,5 +1,6 @@
-"""The one training loop. Fine-tuning, classic KD and TEID differ only in their :class:`Task`:
-where the targets come from (none, a teacher, a teacher and a tutor) and which loss applies.
+"""The one training loop. Fine-tuning, classic KD and TEID differ only in their
+:class:`hpc_kd.step.Task`: where the targets come from (none, a teacher, a teacher and a tutor)
+and which loss applies; the step itself is :func:`hpc_kd.step.train_step`.
 
 All mutable training state is one dict (models, optimisers, schedules, step, RNG, policy and
 early-stopping state, selection counts); the checkpoint is exactly that dict, so a run resumed
@@ -7,6 +8,7 @@ from it ends bit-identical to an uninterrupted one on the same machine.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -14,15 +16,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import losses
+from . import distributed, losses
 from .config import TrainConfig
 from .data import Dataset, Encoded, eval_batches, train_batches
 from .metrics import classification_metrics
 from .models import save_model
-from .policies import Policy, Selection
 from .rundir import RunDir
-
-MODEL_INPUTS = ("input_ids", "attention_mask")
+from .sources import forward
+from .step import Micro, Task, new_selection, train_step
 
 
 def param_groups(model, cfg: TrainConfig) -> list[dict]:
@@ -51,15 +52,27 @@ class Trainee:
 
     def __init__(self, model, cfg: TrainConfig, total_steps: int):
         self.model, self.cfg = model, cfg
+        self.schedule = linear_schedule(cfg, total_steps)
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, linear_schedule(cfg, total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        self.last_rate: float | None = None  # the rate of the last step taken with ``at``
 
-    def step(self, loss: torch.Tensor) -> None:
+    def step(self, loss: torch.Tensor, at: int | None = None, share: float = 1.0) -> None:
+        """One optimiser step. By default the schedule advances by one; with ``at`` (a tutor,
+        which does not step every batch) the rate is the schedule's at step ``at``, times ``share``."""
+        if at is not None:
+            set_rate(self.scheduler, self.schedule(at) * share)
+            self.last_rate = self.rate
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
-        self.scheduler.step()
+        if at is None:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def rate(self) -> float:
+        return self.scheduler.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
@@ -70,99 +83,10 @@ class Trainee:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def forward(model, batch) -> torch.Tensor:
-    return model(**{k: batch[k] for k in MODEL_INPUTS}).logits
-
-
-class FrozenModel:
-    """Targets from a model in eval mode, without gradients (the teacher of Algorithms 1 and 2)."""
-
-    trainable = False
-
-    def __init__(self, model):
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def logits(self, batch) -> torch.Tensor:
-        return forward(self.model, batch)
-
-
-class CachedLogits:
-    """Targets read by example id from a validated logit cache: no model is loaded at all."""
-
-    trainable = False
-
-    def __init__(self, cache, device):
-        self.cache, self.device = cache, device
-
-    def logits(self, batch) -> torch.Tensor:
-        return self.cache.logits(batch["example_ids"]).to(self.device)
-
-
-class OnlineTutor:
-    """A tutor that keeps learning from the teacher (Algorithm 2, "update tutor U from teacher T").
-
-    As in the paper it is in evaluation mode (no dropout); its logits keep their graph so that,
-    when the teacher is selected, the KD step toward the teacher reuses the same forward pass.
-    """
-
-    trainable = True
-    live = True  # its selection logits come from the current weights
-
-    def __init__(self, model, cfg: TrainConfig):
-        self.model, self.cfg, self.trainee = model.eval(), cfg, None
-
-    def start(self, total_steps: int, make: Callable | None = None) -> None:
-        """Build the optimiser once the run's length is known (its schedule spans the run);
-        ``make(model, cfg)`` builds another kind of trainee (the trainer's own)."""
-        self.trainee = make(self.model, self.cfg) if make else Trainee(self.model, self.cfg, total_steps)
-
-    def logits(self, batch) -> torch.Tensor:
-        return forward(self.model, batch)
-
-    def update(self, loss: torch.Tensor) -> None:
-        self.trainee.step(loss)
-
-
-class RefreshTutor(OnlineTutor):
-    """``tutor_update: refresh``: the tutor still learns from the teacher during the epoch, but the
-    student compares against the tutor's logits cached at the start of the epoch; the cache is
-    rebuilt at every epoch boundary (``make_cache(epoch)`` returns a LogitCache), so selection
-    costs no tutor forward pass and only teacher-selected batches run the tutor."""
-
-    live = False
-
-    def __init__(self, model, cfg: TrainConfig, make_cache, device):
-        super().__init__(model, cfg)
-        self.make_cache, self.device, self.cache = make_cache, device, None
-
-    def start_epoch(self, epoch: int) -> None:
-        self.cache = self.make_cache(epoch)
-
-    def logits(self, batch) -> torch.Tensor:
-        return self.cache.logits(batch["example_ids"]).to(self.device)
-
-    def live_logits(self, batch) -> torch.Tensor:
-        return forward(self.model, batch)
-
-
-@dataclass
-class Task:
-    """What a run learns from. No teacher: fine-tuning with CE. A teacher: classic KD. A teacher
-    and a tutor: TEID, with ``policy`` choosing the source per batch (or per example)."""
-
-    teacher: object | None = None
-    tutor: object | None = None
-    policy: Policy | None = None
-    tau: float = 1.0
-    alpha: float = 0.5
-    term: str = "kl"
-
-    @property
-    def kind(self) -> str:
-        return "finetune" if self.teacher is None else ("kd" if self.tutor is None else "teid")
+def set_rate(scheduler, factor: float) -> None:
+    """Set every parameter group's learning rate to its base rate x ``factor``."""
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor
 
 
 @dataclass
@@ -182,21 +106,32 @@ class Progress:
     selection: dict = field(default_factory=dict)  # this epoch's counts
 
 
-def _new_selection() -> dict:
-    return {"teacher_batches": 0, "tutor_batches": 0, "mixed_batches": 0, "teacher_weight": 0.0, "examples": 0}
-
-
 def evaluate(model, data: Encoded, batch_size: int, num_labels: int, device, per_example: bool = False) -> dict:
     """Metrics of ``model`` on ``data``; ``per_example`` adds ``correct`` (0/1 per example, in the
-    split's order) for paired comparisons between runs."""
+    split's order) for paired comparisons between runs. On several ranks each predicts every
+    ``ranks``-th length-sorted batch and every rank computes the metrics from all predictions
+    (the one-process numbers); under ZeRO-3 a forward pass is collective, so ranks then run
+    equally many batches (repeating one)."""
+    world = distributed.current()
+    batches = eval_batches(data.lengths, batch_size)
+    mine = batches[world.rank::world.size]
+    if distributed.partitioned(model):
+        rounds = math.ceil(len(batches) / world.size)
+        mine = mine + [batches[0]] * (rounds - len(mine))
     was_training = model.training
     model.eval()
-    preds = np.zeros(len(data), dtype=np.int64)
+    found = []
     with torch.no_grad():
-        for index in eval_batches(data.lengths, batch_size):
+        for i, index in enumerate(mine):
             batch = {k: v.to(device) for k, v in data.collate(index).items()}
-            preds[index] = forward(model, batch).argmax(-1).cpu().numpy()
+            pred = forward(model, batch).argmax(-1).cpu()
+            if i * world.size + world.rank < len(batches):  # not a repeat
+                found.append(torch.stack([torch.as_tensor(index), pred], dim=1))
     model.train(was_training)
+    local = torch.cat(found) if found else torch.zeros((0, 2), dtype=torch.int64)
+    table = distributed.gather_rows(local)
+    preds = np.zeros(len(data), dtype=np.int64)
+    preds[table[:, 0].numpy()] = table[:, 1].numpy()
     metrics = classification_metrics(data.labels, preds, num_labels)
     if per_example:
         metrics["correct"] = (preds == data.labels).astype(int).tolist()
@@ -218,7 +153,7 @@ class Trainer:
             checkpoint_every, log_every, progress, torch.device(device), on_step)
         # A policy that measures the student on held-out training examples gets them kept out.
         n = len(dataset.encoded["train"])
-        probe_size = getattr(task.policy, "probe", None) if task.tutor is not None else None
+        probe_size = task.policy.probe if task.tutor is not None else None
         order = np.random.default_rng(seed).permutation(n)
         self.probe = np.sort(order[:probe_size]) if probe_size else None
         self.train_index = np.sort(order[probe_size:]) if probe_size else np.arange(n)
@@ -227,9 +162,9 @@ class Trainer:
         self.total_steps = cfg.epochs * self.batches_per_epoch
         torch.manual_seed(seed)
         self.student = self._trainee(student.to(self.device).train(), cfg)
-        if task.tutor is not None and task.tutor.trainable:
-            task.tutor.start(self.total_steps, self._trainee)
-        self.p = Progress(selection=_new_selection())
+        if task.tutor_learns:
+            task.tutor.start(self._trainee)
+        self.p = Progress(selection=new_selection())
 
     def _trainee(self, model, cfg: TrainConfig):
         return Trainee(model, cfg, self.total_steps)
@@ -243,7 +178,7 @@ class Trainer:
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        if self.task.tutor is not None and self.task.tutor.trainable:
+        if self.task.tutor_learns:
             state["tutor"] = self.task.tutor.trainee.state_dict()
         if self.task.policy is not None:
             state["policy"] = self.task.policy.state_dict()
@@ -288,7 +223,7 @@ class Trainer:
 
         batches = self._batches(self.p.epoch)
         for source in (self.task.teacher, self.task.tutor):
-            if hasattr(source, "start_epoch"):
+            if source is not None:
                 source.start_epoch(self.p.epoch)
         bar = tqdm(total=len(batches), initial=self.p.batch, disable=not self.progress, leave=False,
                    desc=f"{self.run.path.name} epoch {self.p.epoch + 1}/{self.cfg.epochs}", unit="batch")
@@ -317,10 +252,21 @@ class Trainer:
     def _batches(self, epoch: int) -> list[np.ndarray]:
         return [self.train_index[b] for b in train_batches(self.train_lengths, self.cfg.batch_size, self.seed, epoch)]
 
-    def _train_step(self, index: np.ndarray) -> dict:
-        """One optimiser step on the training examples at ``index``."""
+    def _micro_batches(self, index: np.ndarray) -> list[Micro]:
+        """This process's part of the batch ``index``: all of it, in one piece."""
         batch = {k: v.to(self.device) for k, v in self.data.encoded["train"].collate(index).items()}
-        return self._step(batch)
+        return [Micro(batch, torch.ones(len(index), device=self.device), 0, len(index))]
+
+    def _train_step(self, index: np.ndarray) -> dict:
+        """One optimiser step on the training examples at ``index`` (and the bandit's feedback:
+        the student's progress on held-out data)."""
+        record = train_step(self.task, self.student, self._micro_batches(index), len(index), step=self.p.step,
+                            total_steps=self.total_steps, seed=self.seed, selection=self.p.selection)
+        if self.probe is not None:
+            now = self._probe_loss()
+            self.task.policy.feedback(self.p.probe_loss - now)
+            self.p.probe_loss = now
+        return record
 
     def _evaluate(self, model, split: str, per_example: bool = False) -> dict:
         return evaluate(model, self.data.encoded[split], self.cfg.eval_batch_size, self.data.num_labels, self.device,
@@ -328,45 +274,6 @@ class Trainer:
 
     def _save(self, model, path) -> None:
         save_model(model, self.tokenizer, path)
-
-    def _step(self, batch) -> dict:
-        """One optimiser step of the student (and, in TEID with an online tutor, maybe the tutor)."""
-        task, y = self.task, batch["labels"]
-        z_s = forward(self.student.model, batch)
-        record = {"step": self.p.step}
-        if task.teacher is None:  # fine-tuning
-            loss = losses.cross_entropy(z_s, y).mean()
-        else:
-            z_t = task.teacher.logits(batch)
-            l_t = losses.distillation_loss(z_s, z_t, y, task.tau, task.alpha, task.term)
-            if task.tutor is None:  # classic KD (Algorithm 1)
-                loss, w = l_t.mean(), torch.ones_like(l_t)
-            else:  # TEID (Algorithm 2)
-                z_u = task.tutor.logits(batch)
-                l_u = losses.distillation_loss(z_s, z_u.detach(), y, task.tau, task.alpha, task.term)
-                w = task.policy.select(Selection(l_t.detach(), l_u.detach(), z_s.detach(), z_t, z_u.detach(), y,
-                                                 self.p.step, self.total_steps)).to(l_t.dtype)
-                if task.policy.mixes_targets:
-                    z_mix = losses.mix_targets(z_t, z_u.detach(), w, task.tau, task.term)
-                    loss = losses.distillation_loss(z_s, z_mix, y, task.tau, task.alpha, task.term).mean()
-                else:
-                    loss = (w * l_t + (1 - w) * l_u).mean()
-                record["tutor_updated"] = False
-                if task.tutor.trainable and float(w.sum()) > 0:
-                    # "Update tutor model U from teacher model T", on the examples the teacher won.
-                    z_live = z_u if task.tutor.live else task.tutor.live_logits(batch)
-                    l_ut = losses.distillation_loss(z_live, z_t, y, task.tau, task.alpha, task.term)
-                    task.tutor.update((w * l_ut).sum() / w.sum())
-                    record["tutor_updated"] = True
-            self._count(w)
-            record["teacher_weight"] = float(w.mean())
-        self.student.step(loss)
-        if self.probe is not None:  # the bandit's reward: the student's progress on held-out data
-            now = self._probe_loss()
-            task.policy.feedback(self.p.probe_loss - now)
-            self.p.probe_loss = now
-        record["loss"] = float(loss.detach())
-        return record
 
     def _probe_loss(self) -> float:
         model = self.student.model
@@ -377,17 +284,6 @@ class Trainer:
         model.train()
         return value
 
-    def _count(self, w: torch.Tensor) -> None:
-        s = self.p.selection
-        if bool((w == 1).all()):
-            s["teacher_batches"] += 1
-        elif bool((w == 0).all()):
-            s["tutor_batches"] += 1
-        else:
-            s["mixed_batches"] += 1
-        s["teacher_weight"] += float(w.sum())
-        s["examples"] += int(w.numel())
-
     def _end_epoch(self) -> None:
         """Validate, keep the best model, early-stop, record the epoch, checkpoint."""
         val = self._evaluate(self.student.model, "validation")
@@ -395,7 +291,7 @@ class Trainer:
         if improved:
             self.p.best_accuracy, self.p.best_epoch, self.p.bad_epochs = val["accuracy"], self.p.epoch, 0
             self._save(self.student.model, self.run.model)
-            if self.task.tutor is not None and self.task.tutor.trainable:
+            if self.task.tutor_learns:
                 self._save(self.task.tutor.model, self.run.tutor)  # the tutor paired with it
         else:
             self.p.bad_epochs += 1
@@ -407,7 +303,7 @@ class Trainer:
         self._log(record)
         self.p.epoch += 1
         self.p.batch = 0
-        self.p.selection = _new_selection()
+        self.p.selection = new_selection()
         self.p.stopped = self.p.bad_epochs >= self.cfg.patience
         self._checkpoint()
 
@@ -423,7 +319,7 @@ class Trainer:
         epochs = [m for m in self.run.metrics() if m["type"] == "epoch"]
         if self.task.teacher is not None:
             result["selection_per_epoch"] = [m["selection"] for m in epochs]
-            totals = {k: sum(e["selection"][k] for e in epochs) for k in _new_selection()}  # over all epochs
+            totals = {k: sum(e["selection"][k] for e in epochs) for k in new_selection()}  # over all epochs
             totals["teacher_share"] = totals["teacher_weight"] / max(1, totals["examples"])
             result["selection"] = totals
         if self.run.tutor.exists():

@@ -32,6 +32,16 @@ def resolve_pretrained(name: str) -> str:
     return str(path) if path.exists() else name
 
 
+def pretrained_depth(name: str) -> int | None:
+    """Depth of a pretrained model when it can be read offline (embedded or a local folder)."""
+    import json
+
+    cfg = Path(resolve_pretrained(name)) / "config.json"
+    if not cfg.is_file():
+        return None
+    return json.loads(cfg.read_text()).get("num_hidden_layers")
+
+
 def _quiet():
     from transformers.utils import logging
 

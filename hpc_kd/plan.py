@@ -19,9 +19,16 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, ExperimentConfig, RunConfig, from_dict, parse_override, read_yaml, set_dotted
-from .policies import POLICIES
+from .config import (ConfigError, ExperimentConfig, RunConfig, check_tutor_depth, from_dict, looks_local,
+                     parse_override, read_yaml, set_dotted)
+from .policies import POLICIES, policy_args
+from .sources import TutorMode
 from .stages import CacheLogits, Distill, FineTune, ModelRef, Stage
+
+
+def tutor_mode(cfg: ExperimentConfig) -> TutorMode:
+    """The students' tutor in this experiment: none for plain KD, else ``distill.tutor_update``."""
+    return TutorMode.resolve(POLICIES[cfg.distill.policy].needs_tutor, cfg.distill.tutor_update)
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,10 @@ class Cell:
     values: dict  # the grid values of this cell, by dotted key
     config: ExperimentConfig
     chain: tuple[str, ...]  # stage keys: teacher, tutor, student of each iteration
+
+    @property
+    def tutor_mode(self) -> TutorMode:
+        return tutor_mode(self.config)
 
 
 @dataclass(frozen=True)
@@ -74,47 +85,89 @@ def chain(cfg: ExperimentConfig) -> list[Stage]:
                     cfg.tutor.train, "teacher", d.tau, d.alpha, d.loss, teacher_cache=cache_of(teacher_ref), role="tutor")
     stages.append(tutor)
     tutor_ref = ModelRef(tutor.key)
-    plain_kd = POLICIES[d.policy].teacher_only
-    learning = d.tutor_update in ("online", "refresh") and not plain_kd
+    mode = tutor_mode(cfg)
     for iteration, depth in enumerate(cfg.student.layers, start=1):
         teacher_cache = cache_of(teacher_ref)
-        tutor_cache = cache_of(tutor_ref) if d.tutor_update == "frozen" and not plain_kd else None
+        tutor_cache = cache_of(tutor_ref) if mode.cached(d.targets) else None
         student = Distill(
-            cfg.data, teacher_ref, None if plain_kd else tutor_ref, source(cfg.student.init_from, teacher_ref), depth,
-            cfg.student.init, cfg.seed,
+            cfg.data, teacher_ref, tutor_ref if mode.exists else None, source(cfg.student.init_from, teacher_ref),
+            depth, cfg.student.init, cfg.seed,
             cfg.student.train, d.policy, d.tau, d.alpha, d.loss,
-            tutor_update=None if plain_kd else d.tutor_update,
-            tutor_train=cfg.tutor.train if learning else None,
-            teacher_cache=teacher_cache, tutor_cache=tutor_cache, policy_args=d.policy_args() or None,
+            tutor_update=mode.label,
+            tutor_train=cfg.tutor.train if mode.learns else None,
+            teacher_cache=teacher_cache, tutor_cache=tutor_cache, policy_args=policy_args(d) or None,
             role="student", iteration=iteration,
         )
         stages.append(student)
         # Next iteration: the tutor becomes the teacher, the student becomes the tutor.
-        teacher_ref = ModelRef(student.key, "tutor") if learning else tutor_ref
+        teacher_ref = ModelRef(student.key, "tutor") if mode.learns else tutor_ref
         tutor_ref = ModelRef(student.key)
     return stages
 
 
+def check(cfg: ExperimentConfig) -> ExperimentConfig:
+    """What a config cannot check on its own: names against their registries and the disk (data
+    files, model folders, a pretrained model's depth). Raises ConfigError with the key path."""
+    from .losses import DISTILL_TERMS
+    from .models import pretrained_depth
+
+    d = cfg.distill
+    if d.policy not in POLICIES:
+        raise ConfigError("distill.policy", f"unknown policy {d.policy!r}; allowed: {', '.join(POLICIES)}")
+    if d.loss not in DISTILL_TERMS:
+        raise ConfigError("distill.loss", f"unknown loss {d.loss!r}; allowed: {', '.join(DISTILL_TERMS)}")
+    data = cfg.data
+    if data.source == "local":
+        for key in ("train_file", "validation_file", "test_file"):
+            value = getattr(data, key)
+            if value is not None and not Path(value).expanduser().is_file():
+                raise ConfigError(f"data.{key}", f"file not found: {value}")
+    if data.source == "hf" and looks_local(data.name) and not Path(data.name).expanduser().exists():
+        raise ConfigError("data.name", f"local dataset folder not found: {data.name}")
+    pretrained = cfg.teacher.pretrained
+    if looks_local(pretrained) and not Path(pretrained).expanduser().is_dir():
+        raise ConfigError("teacher.pretrained", f"model folder not found: {pretrained}")
+    if cfg.teacher.layers is None and (depth := pretrained_depth(pretrained)) is not None:
+        check_tutor_depth(cfg.tutor.layers, depth)
+    return cfg
+
+
+def experiment(data: dict) -> ExperimentConfig:
+    """One experiment config from plain data, checked completely (see :func:`check`)."""
+    return check(from_dict(ExperimentConfig, data))
+
+
 def expand(data: dict) -> tuple[list[tuple[dict, ExperimentConfig]], tuple[str, ...]]:
-    """Validate the base config and every grid point; return (values, config) per cell."""
+    """Validate the base config and every grid point; return (values, config) per cell.
+
+    ``grid`` is a mapping of dotted keys to lists (their product), or a list of such mappings
+    (the union of their products, in order: e.g. every policy with the online tutor, plus
+    ``min_loss`` with a frozen one)."""
     data = dict(data)
     grid = data.pop("grid", None) or {}
-    if not isinstance(grid, dict):
-        raise ConfigError("grid", "must map dotted config keys to lists of values")
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"grid.{key}", "must be a non-empty list of values")
-        if key.split(".")[0] in ("name", "output_root", "run"):
-            raise ConfigError(f"grid.{key}", "cannot be a grid axis (it does not define an experiment)")
-    from_dict(ExperimentConfig, data)  # the base alone must be valid too
-    cells = []
-    for combo in itertools.product(*grid.values()):
-        cell_data, values = data, {}
-        for key, value in zip(grid, combo):
-            cell_data = set_dotted(cell_data, key, value)
-            values[key] = value
-        cells.append((values, from_dict(ExperimentConfig, cell_data)))
-    return cells, tuple(grid)
+    grids = grid if isinstance(grid, list) else [grid]
+    for i, part in enumerate(grids):
+        where = f"grid[{i}]" if isinstance(grid, list) else "grid"
+        if not isinstance(part, dict) or (isinstance(grid, list) and not part):
+            raise ConfigError(where, "must map dotted config keys to lists of values (or be a list of such mappings)")
+        for key, values in part.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}.{key}", "must be a non-empty list of values")
+            if key.split(".")[0] in ("name", "output_root", "run"):
+                raise ConfigError(f"{where}.{key}", "cannot be a grid axis (it does not define an experiment)")
+    experiment(data)  # the base alone must be valid too
+    cells, seen = [], set()
+    for part in grids:
+        for combo in itertools.product(*part.values()):
+            cell_data, values = data, {}
+            for key, value in zip(part, combo):
+                cell_data = set_dotted(cell_data, key, value)
+                values[key] = value
+            marker = repr(sorted(values.items()))
+            if marker not in seen:  # a point in two parts of a union is one cell
+                seen.add(marker)
+                cells.append((values, experiment(cell_data)))
+    return cells, tuple(dict.fromkeys(key for part in grids for key in part))
 
 
 def load_plan(path: str | Path, overrides: list[str] = ()) -> Plan:

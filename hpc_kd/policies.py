@@ -7,8 +7,12 @@ tutor mode the tutor takes a KD step toward the teacher on the examples where ``
 
 A batch-level policy returns all ones or all zeros. A policy with ``mixes_targets`` instead
 mixes the two target distributions with ``w`` (the ensemble). A policy with a ``probe`` is told
-the student's progress on a held-out slice after every step (``feedback``, the bandit). Stateful policies keep their state in plain
-values returned by ``state_dict()``, which the training checkpoint stores.
+the student's progress on a held-out slice after every step (``feedback``, the bandit). A policy
+without ``needs_tutor`` is plain KD: no tutor is built, loaded or cached for it. Stateful policies
+keep their state in plain values returned by ``state_dict()``, which the training checkpoint stores.
+
+The policy only decides ``w``; what is done with it (the student's loss, the tutor's update, the
+counts) is :func:`hpc_kd.step.train_step`, the one TEID step.
 
 To add a policy: subclass :class:`Policy`, give it a ``name`` and register it in ``POLICIES``.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -32,21 +37,27 @@ class Selection:
     labels: torch.Tensor
     step: int
     total_steps: int
+    #: the run's seed (a policy that draws at random draws from it and the step: no state)
+    seed: int = 0
 
 
 class Policy:
     name = "base"
-    #: True when the policy never looks at the tutor, so no tutor is needed at all (plain KD).
-    teacher_only = False
+    #: False when the policy never looks at the tutor, so no tutor is needed at all (plain KD).
+    needs_tutor = True
     #: True when ``w`` mixes the two target distributions instead of the two losses.
     mixes_targets = False
     #: constructor arguments, taken from ``distill.<policy>_<param>`` config keys.
     params: tuple[str, ...] = ()
-    #: examples of the training split held out to measure the student (None: none needed).
+    #: examples of the training split held out to measure the student (None: none needed); the
+    #: trainer then calls :meth:`feedback` after every step.
     probe: int | None = None
 
     def select(self, sel: Selection) -> torch.Tensor:
         raise NotImplementedError
+
+    def feedback(self, reward: float) -> None:
+        """The drop in the student's loss on the probe slice over the last step (policies with a probe)."""
 
     def state_dict(self) -> dict:
         return {}
@@ -56,13 +67,11 @@ class Policy:
 
 
 class TeacherPolicy(Policy):
-    """Always the teacher: classic KD (Algorithm 1). No tutor is loaded."""
+    """Always the teacher: classic KD (Algorithm 1). No tutor is loaded (the trainer never asks
+    this policy: without a tutor every example learns from the teacher)."""
 
     name = "teacher"
-    teacher_only = True
-
-    def select(self, sel: Selection) -> torch.Tensor:
-        return torch.ones_like(sel.loss_teacher)
+    needs_tutor = False
 
 
 class TutorPolicy(Policy):
@@ -101,7 +110,7 @@ class NormalizedPolicy(Policy):
     smaller scale (the tutor, closer in size to the student) does not win by default.
 
     ``m`` is an exponential moving average (``momentum``) updated after each decision; the first
-    batch compares raw losses.
+    batch compares raw losses (there is no mean yet).
     """
 
     name = "normalized"
@@ -113,9 +122,11 @@ class NormalizedPolicy(Policy):
 
     def select(self, sel: Selection) -> torch.Tensor:
         lt, lu = float(sel.loss_teacher.mean()), float(sel.loss_tutor.mean())
-        if self.mean_teacher is None:
+        if self.mean_teacher is None:  # the first batch: raw losses
+            teacher_wins = lt < lu
             self.mean_teacher, self.mean_tutor = lt, lu
-        teacher_wins = lt / max(self.mean_teacher, 1e-12) < lu / max(self.mean_tutor, 1e-12)
+        else:
+            teacher_wins = lt / max(self.mean_teacher, 1e-12) < lu / max(self.mean_tutor, 1e-12)
         m = self.momentum
         self.mean_teacher = m * self.mean_teacher + (1 - m) * lt
         self.mean_tutor = m * self.mean_tutor + (1 - m) * lu
@@ -140,6 +151,25 @@ class CorrectFirstPolicy(Policy):
         lower = sel.loss_teacher < sel.loss_tutor
         pick = torch.where(t_right == u_right, lower, t_right)
         return pick.to(sel.loss_teacher.dtype)
+
+
+class RandomPolicy(Policy):
+    """The control (DGKD-style): each batch learns from the teacher with probability
+    ``teacher_prob``, else from the tutor, drawn independently of the losses. The draw is a pure
+    function of the run's seed and the step, so it is the same on every rank and after a resume,
+    and two policies compared on one seed see the same coins only if they are this one."""
+
+    name = "random"
+    params = ("teacher_prob",)
+
+    def __init__(self, teacher_prob: float = 0.5):
+        self.teacher_prob = teacher_prob
+
+    def teacher_wins(self, seed: int, step: int) -> bool:
+        return bool(np.random.default_rng([seed, step, 0x7E1D]).random() < self.teacher_prob)
+
+    def select(self, sel: Selection) -> torch.Tensor:
+        return torch.full_like(sel.loss_teacher, 1.0 if self.teacher_wins(sel.seed, sel.step) else 0.0)
 
 
 class AnnealPolicy(Policy):
@@ -227,8 +257,14 @@ class BanditPolicy(Policy):
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (
     TeacherPolicy, TutorPolicy, MinLossPolicy, MinLossSamplePolicy, NormalizedPolicy, CorrectFirstPolicy,
-    AnnealPolicy, EnsemblePolicy, BanditPolicy)}
+    RandomPolicy, AnnealPolicy, EnsemblePolicy, BanditPolicy)}
 
 
 def make_policy(name: str, args: dict | None = None) -> Policy:
     return POLICIES[name](**(args or {}))
+
+
+def policy_args(distill) -> dict:
+    """The constructor arguments of ``distill.policy``, from its ``<policy>_<param>`` config keys
+    (only the chosen policy's keys enter a stage's signature)."""
+    return {name: getattr(distill, f"{distill.policy}_{name}") for name in POLICIES[distill.policy].params}

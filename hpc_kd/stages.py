@@ -140,7 +140,6 @@ class FineTune(Stage):
 
     def execute(self, root, run, run_cfg, on_step):
         from .data import Dataset
-        from .loop import Task
         from .models import depth, load_pretrained, load_tokenizer, param_count, shrink
 
         tokenizer = load_tokenizer(self.pretrained)
@@ -148,6 +147,8 @@ class FineTune(Stage):
         model = load_pretrained(self.pretrained, self.data.num_labels, self.seed)
         if self.layers is not None and self.layers != depth(model):
             model = shrink(model, self.layers, self.init, self.seed)
+        from .step import Task
+
         trainer = _trainer(run, model, tokenizer, dataset, Task(), self.train, self.seed, run_cfg, on_step)
         result = trainer.fit()
         result.update({"params": param_count(model), "data_fingerprints": dataset.fingerprints})
@@ -262,11 +263,18 @@ class Distill(Stage):
         refs += [ModelRef(c.key, "logits") for c in (self.teacher_cache, self.tutor_cache) if c is not None]
         return [r for r in refs if r is not None]
 
+    @property
+    def mode(self):
+        from .sources import TutorMode
+
+        return TutorMode(self.tutor_update) if self.tutor is not None else TutorMode.NONE
+
     def execute(self, root, run, run_cfg, on_step):
         from .data import Dataset
-        from .loop import CachedLogits, FrozenModel, OnlineTutor, RefreshTutor, Task
         from .models import load_classifier, load_pretrained, load_tokenizer, param_count, shrink
         from .policies import make_policy
+        from .sources import CachedLogits, FrozenModel, OnlineTutor, RefreshTutor, TutorMode
+        from .step import Task
 
         device = _device(run_cfg)
         tokenizer = load_tokenizer(str(self.teacher.path(root)))
@@ -280,14 +288,14 @@ class Distill(Stage):
             teacher = CachedLogits(self.teacher_cache.load(root, dataset, run_cfg), device)
         else:
             teacher = FrozenModel(load_classifier(self.teacher.path(root)).to(device))
-        tutor = None
-        if self.tutor is not None and self.tutor_update == "frozen" and self.tutor_cache is not None:
+        mode, tutor = self.mode, None
+        if mode is TutorMode.FROZEN and self.tutor_cache is not None:
             tutor = CachedLogits(self.tutor_cache.load(root, dataset, run_cfg), device)
-        elif self.tutor is not None:
+        elif mode.exists:
             tutor_model = load_classifier(self.tutor.path(root)).to(device)
-            if self.tutor_update == "online":
+            if mode is TutorMode.ONLINE:
                 tutor = OnlineTutor(tutor_model, self.tutor_train)
-            elif self.tutor_update == "refresh":
+            elif mode is TutorMode.REFRESH:
                 tutor = RefreshTutor(tutor_model, self.tutor_train, self._refresher(run, tutor_model, dataset, run_cfg), device)
             else:
                 tutor = FrozenModel(tutor_model)
@@ -313,7 +321,8 @@ class Distill(Stage):
                     "dataset": self.data.name, "split": "train", "data": dataset.fingerprints["train"]}
             ids = dataset.encoded["train"].ids
             from . import distributed
-            from .engine import partitioned, plain_copy
+            from .distributed import partitioned
+            from .engine import plain_copy
 
             try:
                 valid = LogitCache.open(folder, prod, ids)

@@ -5,16 +5,21 @@ import sys
 
 import pytest
 
-from hpc_kd.config import ConfigError, ExperimentConfig, from_dict, load_experiment, parse_override
-from hpc_kd.plan import load_plan
+from hpc_kd.config import ConfigError, ExperimentConfig, from_dict, parse_override
+from hpc_kd.plan import experiment, load_plan
 
 from .conftest import tiny_config, write_yaml
 
 
 def error_of(data):
     with pytest.raises(ConfigError) as info:
-        from_dict(ExperimentConfig, data)
+        experiment(data)  # the config's own checks, then the plan's (registries, disk)
     return info.value
+
+
+def load_experiment(path, overrides=()):
+    """The one cell of a sweep file without a grid, as the launcher builds it."""
+    return load_plan(path, list(overrides)).cells[0].config
 
 
 CASES = [
@@ -41,6 +46,7 @@ CASES = [
     ({"teacher": {"pretrained": "/no/such/model"}}, "teacher.pretrained", "model folder not found"),
     ({"data": "oops"}, "data", "expected a mapping"),
     ({"run": {"device": "tpu"}}, "run.device", "allowed: auto, cpu, cuda"),
+    ({"distill": {"random_teacher_prob": 1.5}}, "distill.random_teacher_prob", "must be in [0, 1]"),
 ]
 
 

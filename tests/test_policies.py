@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hpc_kd.losses import mix_targets
-from hpc_kd.policies import POLICIES, Selection, make_policy
+from hpc_kd.policies import POLICIES, RandomPolicy, Selection, make_policy
 
 
 def selection(loss_teacher, loss_tutor):
@@ -15,13 +15,14 @@ def selection(loss_teacher, loss_tutor):
 
 def test_registry_names():
     assert list(POLICIES) == ["teacher", "tutor", "min_loss", "min_loss_sample", "normalized", "correct_first",
-                              "anneal", "ensemble", "bandit"]
-    assert POLICIES["teacher"].teacher_only and not POLICIES["min_loss"].teacher_only
+                              "random", "anneal", "ensemble", "bandit"]
+    assert [name for name, p in POLICIES.items() if not p.needs_tutor] == ["teacher"]
+    assert [name for name in POLICIES if make_policy(name).probe] == ["bandit"]
 
 
-def test_teacher_and_tutor_are_constant():
-    sel = selection([5.0, 5.0], [0.1, 0.1])
-    assert make_policy("teacher").select(sel).tolist() == [1.0, 1.0]
+def test_teacher_is_never_asked_and_tutor_is_constant():
+    with pytest.raises(NotImplementedError):  # plain KD has no tutor: the step never asks it
+        make_policy("teacher").select(selection([5.0, 5.0], [0.1, 0.1]))
     sel = selection([0.1, 0.1], [5.0, 5.0])
     assert make_policy("tutor").select(sel).tolist() == [0.0, 0.0]
 
@@ -115,3 +116,25 @@ def test_bandit_ucb_tries_both_then_follows_the_reward():
     explorer = make_policy("bandit", {"c": 100.0, "probe": 8})
     explorer.load_state_dict({"counts": [10, 1], "sums": [5.0, 0.0], "abs_sum": 5.0, "last": 0})
     assert explorer.select(sel).tolist() == [0.0]  # a large bonus explores the rarely tried arm
+
+
+def test_normalized_first_batch_compares_raw_losses():
+    """Before any running mean exists the rule is the paper's: the lower raw loss wins."""
+    assert make_policy("normalized").select(sel_full([0.2, 0.2], [0.9, 0.9])).tolist() == [1.0, 1.0]
+    assert make_policy("normalized").select(sel_full([0.9], [0.2])).tolist() == [0.0]
+
+
+def test_random_draws_per_batch_from_seed_and_step_only():
+    policy = make_policy("random", {"teacher_prob": 0.3})
+    draws = [policy.select(sel_full([0.1, 5.0], [5.0, 0.1], step=s)).tolist() for s in range(2000)]
+    assert all(d in ([1.0, 1.0], [0.0, 0.0]) for d in draws)  # a whole batch, whatever the losses
+    share = sum(d[0] for d in draws) / len(draws)
+    assert abs(share - 0.3) < 0.035  # 3.4 standard deviations of a binomial(2000, 0.3) share
+    # a pure function of (seed, step): a resumed run, another rank or another instance draws the same
+    again = make_policy("random", {"teacher_prob": 0.3})
+    assert [again.select(sel_full([0.0], [0.0], step=s)).tolist()[0] for s in range(2000)] == [d[0] for d in draws]
+    other_seed = [RandomPolicy(0.3).teacher_wins(1, s) for s in range(200)]
+    assert other_seed != [d[0] == 1.0 for d in draws[:200]]
+    assert not any(RandomPolicy(0.0).teacher_wins(0, s) for s in range(200))
+    assert all(RandomPolicy(1.0).teacher_wins(0, s) for s in range(200))
+    assert policy.state_dict() == {}

@@ -1,4 +1,6 @@
 """Aggregation statistics and plots over a real (tiny) sweep with seeds."""
+import json
+
 import numpy as np
 import pytest
 
@@ -24,32 +26,42 @@ def test_summary_over_seeds(sweep):
     students = [r for r in rows if r["role"] == "student"]
     assert len(students) == 6
     summ = {r["policy"]: r for r in summary(rows)}
-    kd = [r["val_acc"] for r in students if r["policy"] == "teacher"]
-    assert summ["teacher"]["n"] == 3
+    kd = [r["test_acc"] for r in students if r["policy"] == "teacher"]  # the headline: test
+    kd_val = [r["val_acc"] for r in students if r["policy"] == "teacher"]
+    assert summ["teacher"]["n"] == 3 and summ["teacher"]["split"] == "test"
     assert summ["teacher"]["acc_mean"] == pytest.approx(np.mean(kd))
     assert summ["teacher"]["acc_std"] == pytest.approx(np.std(kd, ddof=1))
+    assert summ["teacher"]["val_mean"] == pytest.approx(np.mean(kd_val))
+    assert summ["teacher"]["val_std"] == pytest.approx(np.std(kd_val, ddof=1))
 
 
 def test_paired_difference_against_kd(sweep):
     rows = collect(sweep)
     (row,) = paired_vs_kd(sweep, rows, n_boot=500)
-    by_seed = {(r["policy"], r["seed"]): r["val_acc"] for r in rows if r["role"] == "student"}
+    by_seed = {(r["policy"], r["seed"]): r["test_acc"] for r in rows if r["role"] == "student"}
     diffs = [by_seed[("min_loss", s)] - by_seed[("teacher", s)] for s in range(3)]
-    assert row["policy"] == "min_loss" and row["n"] == 3
+    assert row["policy"] == "min_loss" and row["n"] == 3 and row["split"] == "test"
     assert row["diff"] == pytest.approx(np.mean(diffs))
     half = 4.303 * np.std(diffs, ddof=1) / np.sqrt(3)
     assert (row["t_low"], row["t_high"]) == pytest.approx((np.mean(diffs) - half, np.mean(diffs) + half))
     assert row["boot_low"] <= row["diff"] + 1e-9 and row["diff"] - 1e-9 <= row["boot_high"]
     # the per-example record behind the bootstrap matches the reported accuracy
     any_run = next(r for r in rows if r["role"] == "student")
-    correct = RunDir(sweep / "runs" / any_run["run"]).result()["validation"]["correct"]
-    assert np.mean(correct) == pytest.approx(any_run["val_acc"])
+    for split, column in (("test", "test_acc"), ("validation", "val_acc")):
+        correct = RunDir(sweep / "runs" / any_run["run"]).result()[split]["correct"]
+        assert np.mean(correct) == pytest.approx(any_run[column])
+    # on validation when asked (a sweep with no labelled test split gets this by itself)
+    (val_row,) = paired_vs_kd(sweep, rows, n_boot=500, split="validation")
+    val_by_seed = {(r["policy"], r["seed"]): r["val_acc"] for r in rows if r["role"] == "student"}
+    assert val_row["diff"] == pytest.approx(np.mean([val_by_seed[("min_loss", s)] - val_by_seed[("teacher", s)]
+                                                     for s in range(3)]))
 
 
 def test_report_files(sweep):
     rows = collect(sweep)
     text = write_report(sweep, rows)
     assert "Difference to plain KD" in text and (sweep / "summary.md").read_text() == text
+    assert text.startswith("Headline numbers on the test split") and "| validation accuracy |" in text
     for name in ("accuracy_vs_depth.png", "teacher_share.png"):
         assert (sweep / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     collapsed = [r for r in rows if r["role"] == "student" and r["collapsed"]]
@@ -61,3 +73,45 @@ def test_a_run_shared_by_cells_counts_once(sweep):
     doubled = rows + [dict(r) for r in rows if r["role"] == "student" and r["policy"] == "teacher"]
     summ = {r["policy"]: r for r in summary(doubled)}
     assert summ["teacher"]["n"] == 3 and summ["teacher"]["of"] == 3
+
+
+def test_t_quantile_is_exact_beyond_ten_degrees_of_freedom():
+    from hpc_kd.report import _t975
+
+    assert _t975(2) == pytest.approx(4.302652729911275)
+    assert _t975(14) == pytest.approx(2.1447866879169273)
+    assert _t975(30) == pytest.approx(2.0422724563012373)
+
+
+def fake_row(run, depth, iteration, chain, policy, seed, acc, val):
+    return {"role": "student", "depth": depth, "iteration": iteration, "chain": chain, "policy": policy,
+            "seed": seed, "tutor_update": None if policy == "teacher" else "online", "test_acc": acc,
+            "test_macro_f1": acc, "val_acc": val, "val_macro_f1": val, "teacher_share": None,
+            "teacher_batches": None, "collapsed": False, "params": 1, "state": "done", "run": run}
+
+
+def test_iterations_are_separate_groups_with_their_own_baseline(tmp_path):
+    """The paper's grid [[10, 9], [9]]: the iteration-2 9-layer student (chain 10→9) and the
+    iteration-1 9-layer student are different models: two groups, each paired with its own KD."""
+    rows = []
+    for seed in (0, 1):
+        rows += [fake_row(f"kd10-{seed}", 10, 1, "10", "teacher", seed, 0.80, 0.81),
+                 fake_row(f"kd10-9-{seed}", 9, 2, "10→9", "teacher", seed, 0.70, 0.71),
+                 fake_row(f"kd9-{seed}", 9, 1, "9", "teacher", seed, 0.75, 0.76),
+                 fake_row(f"ml10-{seed}", 10, 1, "10", "min_loss", seed, 0.81, 0.81),
+                 fake_row(f"ml10-9-{seed}", 9, 2, "10→9", "min_loss", seed, 0.74 + seed / 100, 0.70),
+                 fake_row(f"ml9-{seed}", 9, 1, "9", "min_loss", seed, 0.73, 0.70)]
+    for r in rows:  # the per-example record the bootstrap reads: 100 test sentences
+        run = tmp_path / "runs" / r["run"]
+        run.mkdir(parents=True)
+        correct = [1] * round(100 * r["test_acc"]) + [0] * (100 - round(100 * r["test_acc"]))
+        (run / "result.json").write_text(json.dumps({"test": {"correct": correct}}))
+    groups = {(r["chain"], r["policy"]): r for r in summary(rows)}
+    assert sorted(groups) == sorted((c, p) for c in ("10", "10→9", "9") for p in ("teacher", "min_loss"))
+    assert all(r["n"] == 2 for r in groups.values())
+    assert groups[("10→9", "min_loss")]["acc_mean"] == pytest.approx(0.745)
+    assert groups[("9", "min_loss")]["acc_mean"] == pytest.approx(0.73)
+    paired = {r["chain"]: r for r in paired_vs_kd(tmp_path, rows, split="test") if r["policy"] == "min_loss"}
+    assert paired["10→9"]["diff"] == pytest.approx(0.045) and paired["10→9"]["n"] == 2
+    assert paired["9"]["diff"] == pytest.approx(-0.02) and paired["9"]["n"] == 2
+    assert paired["10"]["diff"] == pytest.approx(0.01)

@@ -243,3 +243,45 @@ def test_students_can_start_from_the_pretrained_encoder(tiny_model, tmp_path):
     assert student.init_from == str(tiny_model)
     result = run_all(plan)[student.key]
     assert result["layers"] == 2
+
+
+def tutor_steps(tiny_model, root, policy: str, **distill) -> tuple[list[dict], object]:
+    """Run a chain whose student has an online tutor; return the student's step records and stage."""
+    plan = make_plan(tiny_model, root, distill={"policy": policy, **distill},
+                     tutor={"train": {"lr": 1e-3, "batch_size": 16, "epochs": 2, "warmup_ratio": 0.5}})
+    records = []
+    student_key = list(plan.stages)[-1]
+    for key, stage in plan.stages.items():
+        stage(plan.root, plan.run, on_step=(lambda t, r: records.append(r)) if key == student_key else None)
+    return records, plan.stages[student_key]
+
+
+def test_online_tutor_rate_is_the_schedule_at_the_students_step(tiny_model, tmp_path):
+    """The teacher wins only the second half of the run (anneal, step shape): the tutor's first
+    update, at step 6 of 12, uses the rate its schedule gives at step 6 (here the peak after a
+    6-step warm-up), not the first step of its warm-up (lr / 7, what stepping the schedule once
+    per tutor update gave)."""
+    from hpc_kd.loop import linear_schedule
+
+    records, student = tutor_steps(tiny_model, tmp_path, "anneal", anneal_shape="step")
+    schedule = linear_schedule(student.tutor_train, 12)
+    updated = [r for r in records if r["tutor_updated"]]
+    assert [r["step"] for r in updated] == list(range(6, 12))
+    assert [r["tutor_rate"] for r in updated] == pytest.approx([1e-3 * schedule(s) for s in range(6, 12)])
+    assert updated[0]["tutor_rate"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("policy", ["min_loss_sample", "anneal", "ensemble"])
+def test_tutor_step_is_scaled_by_the_teachers_share(tiny_model, tmp_path, policy):
+    """Per-example and mixing policies: the tutor steps when the teacher has any weight, with a
+    rate scaled by the teacher's share of the batch (no share, no step)."""
+    from hpc_kd.loop import linear_schedule
+
+    records, student = tutor_steps(tiny_model, tmp_path, policy)
+    schedule = linear_schedule(student.tutor_train, 12)
+    for r in records:
+        assert r["tutor_updated"] == (r["teacher_weight"] > 0)
+        if r["tutor_updated"]:
+            assert r["tutor_rate"] == pytest.approx(1e-3 * schedule(r["step"]) * r["teacher_weight"])
+    shares = {round(r["teacher_weight"], 6) for r in records if r["tutor_updated"]}
+    assert len(shares) > 1 and min(shares) < 1.0  # partial shares occurred, and were scaled

@@ -1,0 +1,186 @@
+"""One training step, the same for every trainer: fine-tuning, classic KD and TEID.
+
+:func:`train_step` is the only place where a step's decisions are made: both sources' losses,
+the policy's weights, the student's loss (mixed losses or mixed targets), the tutor's update from
+the teacher and the selection counts. The one-process loop (:mod:`hpc_kd.loop`) and the DeepSpeed
+trainer (:mod:`hpc_kd.engine`) differ only in how a batch is cut into micro-batches and in the
+collectives, which are no-ops for one rank:
+
+- a batch of ``n`` examples reaches a rank as one or more :class:`Micro` batches (its slice of
+  the batch, cut again for gradient accumulation); a micro-batch's loss is the *sum* of its
+  examples' losses x ``ranks`` x micro-batches / ``n``, so that after the gradient averaging over
+  ranks and accumulation steps the step's gradient is exactly the mean over the batch;
+- the policy sees the whole batch: per-example losses, logits and labels are gathered from every
+  rank, every rank runs the policy (a stateful policy stays in step everywhere) and rank 0's
+  weights are broadcast;
+- with several micro-batches the policy must see all of them before any backward: a first pass
+  without gradients computes what it sees and a second pass, replaying the same dropout masks,
+  does forward + backward per micro-batch.
+
+**The tutor's update rule** (the paper: "update tutor U from teacher T" when the teacher is
+selected). With per-example or mixing weights ``w`` the teacher is selected for a share
+``s = mean(w)`` of the batch. The tutor then takes one step on the teacher-weighted loss
+``Σ w·L(U, T) / Σ w`` with its learning rate scaled by ``s``: a batch the teacher wins outright is
+a full step, one example of 32 a step 1/32 as large, ``anneal`` at weight 0.3 a step 0.3 as large,
+no teacher weight no step. The share scales the step size (the learning rate), not the loss,
+because Adam divides out a loss's scale. The rate itself is the tutor's schedule at the
+*student's* step, whether or not the tutor updated before: a tutor first updated late in the run
+gets the rate scheduled there, not the start of its warm-up.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from . import distributed, losses
+from .policies import Policy, Selection
+from .sources import LearningTutor, TargetSource, forward
+
+
+@dataclass
+class Task:
+    """What a run learns from. No teacher: fine-tuning with CE. A teacher: classic KD. A teacher
+    and a tutor: TEID, with ``policy`` choosing the source per batch (or per example)."""
+
+    teacher: TargetSource | None = None
+    tutor: TargetSource | None = None
+    policy: Policy | None = None
+    tau: float = 1.0
+    alpha: float = 0.5
+    term: str = "kl"
+
+    @property
+    def kind(self) -> str:
+        return "finetune" if self.teacher is None else ("kd" if self.tutor is None else "teid")
+
+    @property
+    def tutor_learns(self) -> bool:
+        return isinstance(self.tutor, LearningTutor)
+
+    def distill(self, z_s: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The per-example distillation loss of ``z_s`` toward target logits ``z``."""
+        return losses.distillation_loss(z_s, z, y, self.tau, self.alpha, self.term)
+
+
+@dataclass
+class Micro:
+    """This rank's part of a batch: ``real`` rows starting at row ``start`` of the whole batch
+    (a rank with nothing to do runs one row with ``mask`` 0, to take part in the collectives)."""
+
+    batch: dict
+    mask: torch.Tensor
+    start: int
+    real: int
+
+
+def new_selection() -> dict:
+    """Selection counts (per epoch, summed for the run)."""
+    return {"teacher_batches": 0, "tutor_batches": 0, "mixed_batches": 0, "teacher_weight": 0.0, "examples": 0}
+
+
+def count(selection: dict, w: torch.Tensor) -> None:
+    if bool((w == 1).all()):
+        selection["teacher_batches"] += 1
+    elif bool((w == 0).all()):
+        selection["tutor_batches"] += 1
+    else:
+        selection["mixed_batches"] += 1
+    selection["teacher_weight"] += float(w.sum())
+    selection["examples"] += int(w.numel())
+
+
+def train_step(task: Task, student, micro: list[Micro], n: int, *, step: int, total_steps: int, seed: int,
+               selection: dict) -> dict:
+    """One optimiser step of ``student`` (a trainee: ``.model``, ``.step(loss)``) on a batch of
+    ``n`` examples, of which this rank holds ``micro``; updates ``selection`` (the counts) and a
+    learning tutor. Returns the step's record: loss (batch mean), teacher weight, tutor update."""
+    ranks = distributed.current().size
+    scale = ranks * len(micro) / n
+    record: dict = {"step": step}
+    if task.tutor is None:
+        loss_sum = 0.0
+        for m in micro:
+            z_s = forward(student.model, m.batch).float()
+            y = m.batch["labels"]
+            per_example = losses.cross_entropy(z_s, y) if task.teacher is None else \
+                task.distill(z_s, task.teacher.logits(m.batch).float(), y)
+            student.step((m.mask * per_example).sum() * scale)
+            loss_sum += float((m.mask * per_example).detach().sum())
+        if task.teacher is not None:
+            count(selection, torch.ones(n))
+            record["teacher_weight"] = 1.0
+    else:
+        loss_sum = _teid(task, student, micro, n, scale, step, total_steps, seed, selection, record)
+    record["loss"] = float(distributed.all_sum([loss_sum])[0]) / n
+    return record
+
+
+def _teid(task: Task, student, micro: list[Micro], n: int, scale: float, step: int, total_steps: int, seed: int,
+          selection: dict, record: dict) -> float:
+    """TEID (Algorithm 2) on this rank's micro-batches: see the module docstring."""
+    two_pass = len(micro) > 1
+    rng = torch.get_rng_state() if two_pass else None
+    outs = []
+    for m in micro:
+        with torch.no_grad() if two_pass else nullcontext():
+            z_s = forward(student.model, m.batch).float()
+            z_u = task.tutor.logits(m.batch)  # keeps its graph for a live online tutor's update
+        outs.append(_losses(task, {"m": m, "z_s": z_s, "z_u": z_u, "z_t": task.teacher.logits(m.batch).float()}))
+    w_all = select(task.policy, outs, step, total_steps, seed)
+    total_w = float(w_all.sum())
+    update_tutor = task.tutor_learns and total_w > 0  # the same on every rank: w_all is
+    if two_pass:
+        torch.set_rng_state(rng)
+    loss_sum = 0.0
+    for o in outs:
+        m = o["m"]
+        y = m.batch["labels"]
+        if two_pass:
+            o = _losses(task, {**o, "z_s": forward(student.model, m.batch).float()})
+        w = w_all[m.start: m.start + m.real] if m.real else torch.zeros(1)
+        w = w.to(o["l_t"].device, o["l_t"].dtype)
+        if task.policy.mixes_targets:
+            z_mix = losses.mix_targets(o["z_t"], o["z_u"].detach().float(), w, task.tau, task.term)
+            per_example = task.distill(o["z_s"], z_mix, y)
+        else:
+            per_example = w * o["l_t"] + (1 - w) * o["l_u"]
+        if update_tutor:  # "update tutor U from teacher T", weighted by the teacher's selection
+            live = task.tutor.live and not two_pass
+            z_live = o["z_u"] if live else task.tutor.live_logits(m.batch)
+            l_ut = task.distill(z_live.float(), o["z_t"], y)
+            task.tutor.update((m.mask * w * l_ut).sum() * scale * n / total_w, at=step, share=total_w / n)
+        student.step((m.mask * per_example).sum() * scale)
+        loss_sum += float((m.mask * per_example).detach().sum())
+    count(selection, w_all)
+    record["tutor_updated"] = update_tutor
+    if update_tutor:
+        record["tutor_rate"] = task.tutor.trainee.last_rate
+    record["teacher_weight"] = total_w / n
+    return loss_sum
+
+
+def _losses(task: Task, o: dict) -> dict:
+    y = o["m"].batch["labels"]
+    o["l_t"] = task.distill(o["z_s"], o["z_t"], y)
+    o["l_u"] = task.distill(o["z_s"], o["z_u"].detach().float(), y)
+    return o
+
+
+def select(policy: Policy, outs: list[dict], step: int, total_steps: int, seed: int) -> torch.Tensor:
+    """The policy's weights for the whole batch (one per example, in batch order), the same on
+    every rank: what it sees is gathered from all of them, rank 0's answer is broadcast."""
+    def rows(o):
+        r = o["m"].real
+        cols = [o["l_t"][:r, None], o["l_u"][:r, None], o["z_s"][:r], o["z_t"][:r], o["z_u"][:r].float(),
+                o["m"].batch["labels"][:r, None].to(torch.float32)]
+        return torch.cat([c.detach().to(torch.float64).cpu() for c in cols], dim=1)
+
+    table = distributed.gather_rows(torch.cat([rows(o) for o in outs]))
+    c = outs[0]["z_s"].shape[1]
+    f32 = table.to(torch.float32)  # exact: every value was a float32 (or a small integer)
+    sel = Selection(f32[:, 0], f32[:, 1], f32[:, 2:2 + c], f32[:, 2 + c:2 + 2 * c], f32[:, 2 + 2 * c:2 + 3 * c],
+                    table[:, -1].to(torch.int64), step, total_steps, seed)
+    w = policy.select(sel).to(torch.float32).cpu()
+    return distributed.broadcast(w)
