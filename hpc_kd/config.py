@@ -23,7 +23,11 @@ from typing import Any, Literal
 
 import yaml
 
-SCHEMA_VERSION = 1
+#: part of every stage's signature: bumped when the code computes a different result from the same
+#: settings, so that no run computed by older code is reused. 2: the one TEID step (an online
+#: tutor's rate follows the student's step and scales with the teacher's share; ``normalized``
+#: compares raw losses on its first batch).
+SCHEMA_VERSION = 2
 
 
 class ConfigError(ValueError):
