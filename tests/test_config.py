@@ -121,3 +121,25 @@ def test_yaml_cannot_construct_objects(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_experiment(path)
     assert "not valid YAML" in info.value.message
+
+
+def test_every_field_is_documented_and_the_readme_reference_is_current():
+    """torchtitan's habit: a comment per field, where it is defined; the README's reference is
+    generated from them and must not drift."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from hpc_kd import config
+
+    sections = [ExperimentConfig, config.DataConfig, config.TeacherConfig, config.TutorConfig,
+                config.StudentConfig, config.DistillConfig, config.TrainConfig, config.DeepSpeedConfig,
+                config.RunConfig]
+    for cls in sections:
+        docs = config.field_docs(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{cls.__name__}.{f.name} has no #: comment"
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- config-reference:[^\n]*-->\n(.*?)<!-- /config-reference -->", readme, re.S)
+    assert block, "README.md lost its generated config reference"
+    assert block.group(1) == config.reference(), "README's config reference is stale: paste `python -m hpc_kd.config`"
