@@ -71,10 +71,12 @@ class DataConfig:
     test_split: str | None = None
     #: the column holding the sentence ("sentence" for GLUE SST-2).
     text_column: str = "text"
-    #: the column holding the integer class label.
+    #: the column holding the class label: an integer in [0, num_labels), or a string of label_names.
     label_column: str = "label"
     #: number of classes (>= 2).
     num_labels: int = 2
+    #: string labels in class order (e.g. [neg, pos]: "neg" is class 0); null: labels are integers.
+    label_names: tuple[str, ...] | None = None
     #: tokens kept per sentence (longer ones are truncated).
     max_length: int = 128
     #: cap on training examples (a deterministic subset); null keeps all.
@@ -94,6 +96,12 @@ class DataConfig:
                 if value is not None and not value.endswith((".csv", ".jsonl", ".json", ".parquet")):
                     raise ConfigError(key, f"unsupported file type {value!r}; allowed: .csv, .jsonl, .parquet")
         _at_least(self, "num_labels", 2)
+        if self.label_names is not None:
+            if len(set(self.label_names)) != len(self.label_names):
+                raise ConfigError("label_names", f"names must be distinct, got {list(self.label_names)}")
+            if len(self.label_names) != self.num_labels:
+                raise ConfigError("label_names", f"{len(self.label_names)} names for num_labels {self.num_labels}: "
+                                                 f"give one name per class (and set num_labels to match)")
         _at_least(self, "max_length", 8)
         _at_least(self, "max_train_examples", 1)
         _at_least(self, "max_eval_examples", 1)

@@ -65,29 +65,95 @@ def _load_embedded() -> dict[str, Split]:
     return {name: Split(ids[m], [t for t, keep in zip(texts, m) if keep], labels[m]) for name, m in masks.items()}
 
 
+def _row(where: str, i: int) -> str:
+    """How a person finds row ``i`` (0-based, data rows only) of a file: 1-based, and for a CSV
+    also the line (the header is line 1)."""
+    return f"{where}, row {i + 1}" + (f" (line {i + 2})" if where.endswith(".csv") else "")
+
+
+def _labels(values, cfg: DataConfig, where: str) -> np.ndarray:
+    """Class indices from a label column, refusing what would be silently wrong: a missing
+    label, a non-integer number (1.5), a string without ``label_names`` (or not among them), a
+    class outside [0, num_labels)."""
+    import math
+
+    key = f"data.label_column ({cfg.label_column!r})"
+    names = {name: i for i, name in enumerate(cfg.label_names or ())}
+    out = np.empty(len(values), dtype=np.int64)
+    for i, value in enumerate(values):
+        if value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip()):
+            raise ConfigError(key, f"{_row(where, i)}: the label is missing")
+        if isinstance(value, str):
+            text = value.strip()
+            if names:
+                if text not in names:
+                    raise ConfigError(key, f"{_row(where, i)}: unknown label {value!r}; allowed (data.label_names): "
+                                           f"{', '.join(names)}")
+                out[i] = names[text]
+                continue
+            try:  # a CSV holds numbers as text
+                value = int(text) if text.lstrip("+-").isdigit() else float(text)
+            except ValueError:
+                raise ConfigError(key, f"{_row(where, i)}: string label {value!r}; list the classes in order in "
+                                       f"data.label_names (e.g. [neg, pos]) to map strings to classes") from None
+            if isinstance(value, float) and math.isnan(value):
+                raise ConfigError(key, f"{_row(where, i)}: the label is missing")
+        elif names:
+            raise ConfigError(key, f"{_row(where, i)}: label {value!r} is not one of data.label_names "
+                                   f"({', '.join(names)})")
+        if isinstance(value, (bool, np.bool_)) or not float(value).is_integer():
+            raise ConfigError(key, f"{_row(where, i)}: label {value!r} is not an integer class")
+        value = int(value)
+        if not 0 <= value < cfg.num_labels:
+            raise ConfigError(key, f"{_row(where, i)}: label {value} outside [0, {cfg.num_labels}) "
+                                   f"(data.num_labels is {cfg.num_labels})")
+        out[i] = value
+    return out
+
+
 def _from_frame(frame, cfg: DataConfig, where: str) -> Split:
     for key, column in (("text_column", cfg.text_column), ("label_column", cfg.label_column)):
         if column not in frame.columns:
             raise ConfigError(f"data.{key}", f"column {column!r} not in {where}; columns: {', '.join(map(str, frame.columns))}")
+    if len(frame) == 0:
+        raise ConfigError("data", f"{where} has no rows")
     id_column = next((c for c in ("idx", "id") if c in frame.columns), None)
     ids = frame[id_column].to_numpy(dtype=np.int64) if id_column else np.arange(len(frame), dtype=np.int64)
     if len(np.unique(ids)) != len(ids):
         raise ConfigError("data", f"example ids in {where} are not unique")
-    labels = frame[cfg.label_column].to_numpy(dtype=np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= cfg.num_labels):
-        raise ConfigError("data.num_labels", f"labels in {where} must lie in [0, {cfg.num_labels}); found {labels.min()}..{labels.max()}")
-    return Split(ids, frame[cfg.text_column].astype(str).tolist(), labels)
+    texts = frame[cfg.text_column].tolist()
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"data.text_column ({cfg.text_column!r})", f"{_row(where, i)}: the text is empty")
+    return Split(ids, texts, _labels(frame[cfg.label_column].tolist(), cfg, where))
 
 
 def _read_file(path: str):
+    """A local data file as a DataFrame; unreadable files are a ConfigError naming the file (and
+    for bad UTF-8 the line)."""
     import pandas as pd
 
     path = str(Path(path).expanduser())
-    if path.endswith(".csv"):
-        return pd.read_csv(path)
-    if path.endswith((".jsonl", ".json")):
-        return pd.read_json(path, lines=True)
-    return pd.read_parquet(path)
+    try:
+        raw = Path(path).read_bytes()
+        if not path.endswith(".parquet"):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                line = raw[: err.start].count(b"\n") + 1
+                raise ConfigError("data", f"{path}, line {line}: not valid UTF-8 (byte {raw[err.start]:#04x} at "
+                                          f"offset {err.start}); save the file as UTF-8") from None
+        if path.endswith(".csv"):
+            return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=str)
+        if path.endswith((".jsonl", ".json")):
+            return pd.read_json(path, lines=True, dtype=False)
+        return pd.read_parquet(path)
+    except pd.errors.EmptyDataError:
+        raise ConfigError("data", f"{path} is empty (not even a header row)") from None
+    except (ValueError, OSError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError("data", f"{path} cannot be read: {str(err).splitlines()[0]}") from None
 
 
 def _load_local(cfg: DataConfig) -> dict[str, Split]:
@@ -119,6 +185,18 @@ def _cap(split: Split, limit: int | None) -> Split:
         return split
     keep = np.sort(np.random.default_rng(0).permutation(len(split))[:limit])
     return split.subset(keep)
+
+
+def check_data(cfg: DataConfig) -> None:
+    """Read and check local data files before anything is submitted (ConfigError naming the file,
+    the row and the column), and refuse a training split with a single class."""
+    if cfg.source != "local":  # the embedded data is known; a hub dataset is read on the cluster
+        return
+    train = load_splits(cfg)["train"]
+    classes = np.unique(train.labels)
+    if len(classes) < 2:
+        raise ConfigError("data.train_file", f"{cfg.train_file}: every one of its {len(train)} rows has label "
+                                             f"{classes[0]}: a classifier cannot learn from one class")
 
 
 def load_splits(cfg: DataConfig) -> dict[str, Split]:

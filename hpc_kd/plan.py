@@ -105,9 +105,11 @@ def chain(cfg: ExperimentConfig) -> list[Stage]:
     return stages
 
 
-def check(cfg: ExperimentConfig) -> ExperimentConfig:
+def check(cfg: ExperimentConfig, data_checked: set | None = None) -> ExperimentConfig:
     """What a config cannot check on its own: names against their registries and the disk (data
-    files, model folders, a pretrained model's depth). Raises ConfigError with the key path."""
+    files read and checked row by row, model folders, a pretrained model's depth). Raises
+    ConfigError with the key path. ``data_checked``: data configs already read by this plan."""
+    from .data import check_data
     from .losses import DISTILL_TERMS
     from .models import pretrained_depth
 
@@ -124,6 +126,10 @@ def check(cfg: ExperimentConfig) -> ExperimentConfig:
                 raise ConfigError(f"data.{key}", f"file not found: {value}")
     if data.source == "hf" and looks_local(data.name) and not Path(data.name).expanduser().exists():
         raise ConfigError("data.name", f"local dataset folder not found: {data.name}")
+    if data_checked is None or data not in data_checked:
+        check_data(data)
+        if data_checked is not None:
+            data_checked.add(data)
     pretrained = cfg.teacher.pretrained
     if looks_local(pretrained) and not Path(pretrained).expanduser().is_dir():
         raise ConfigError("teacher.pretrained", f"model folder not found: {pretrained}")
@@ -132,9 +138,9 @@ def check(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def experiment(data: dict) -> ExperimentConfig:
+def experiment(data: dict, data_checked: set | None = None) -> ExperimentConfig:
     """One experiment config from plain data, checked completely (see :func:`check`)."""
-    return check(from_dict(ExperimentConfig, data))
+    return check(from_dict(ExperimentConfig, data), data_checked)
 
 
 def expand(data: dict) -> tuple[list[tuple[dict, ExperimentConfig]], tuple[str, ...]]:
@@ -155,7 +161,8 @@ def expand(data: dict) -> tuple[list[tuple[dict, ExperimentConfig]], tuple[str, 
                 raise ConfigError(f"{where}.{key}", "must be a non-empty list of values")
             if key.split(".")[0] in ("name", "output_root", "run"):
                 raise ConfigError(f"{where}.{key}", "cannot be a grid axis (it does not define an experiment)")
-    experiment(data)  # the base alone must be valid too
+    data_checked: set = set()
+    experiment(data, data_checked)  # the base alone must be valid too
     cells, seen = [], set()
     for part in grids:
         for combo in itertools.product(*part.values()):
@@ -166,7 +173,7 @@ def expand(data: dict) -> tuple[list[tuple[dict, ExperimentConfig]], tuple[str, 
             marker = repr(sorted(values.items()))
             if marker not in seen:  # a point in two parts of a union is one cell
                 seen.add(marker)
-                cells.append((values, experiment(cell_data)))
+                cells.append((values, experiment(cell_data, data_checked)))
     return cells, tuple(dict.fromkeys(key for part in grids for key in part))
 
 

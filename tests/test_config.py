@@ -143,3 +143,18 @@ def test_every_field_is_documented_and_the_readme_reference_is_current():
     block = re.search(r"<!-- config-reference:[^\n]*-->\n(.*?)<!-- /config-reference -->", readme, re.S)
     assert block, "README.md lost its generated config reference"
     assert block.group(1) == config.reference(), "README's config reference is stale: paste `python -m hpc_kd.config`"
+
+
+def test_bad_data_file_fails_the_launch_before_anything_is_written(tmp_path, tiny_model):
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\ngood film,pos\nbad film,neg\n")
+    (tmp_path / "val.csv").write_text("text,label\ngood,1\nbad,0\n")
+    data = tiny_config(tiny_model, tmp_path / "out", data={"source": "local", "train_file": str(train),
+                                                           "validation_file": str(tmp_path / "val.csv")})
+    path = write_yaml(tmp_path / "s.yaml", data)
+    proc = subprocess.run([sys.executable, "-m", "hpc_kd.launch", str(path), "--executor", "slurm"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith(f"config error: data.label_column ('label'): {train}, row 1 (line 2): string label 'pos'")
+    assert not (tmp_path / "out").exists()

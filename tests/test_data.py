@@ -93,3 +93,49 @@ def test_tokenise_and_pad_dynamically(tiny_model):
     assert batch["input_ids"].shape == (3, width)
     assert batch["attention_mask"].sum(1).tolist() == enc.lengths[:3].tolist()
     assert batch["example_ids"].tolist() == enc.ids[:3].tolist()
+
+
+# -- bad data: one clear error naming the file, the row and the column, before anything runs ----
+
+def write_csv(path, text: str | bytes):
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(path)
+
+
+def local(tmp_path, train: str | bytes, **kw) -> DataConfig:
+    names = kw.get("label_names") or ("0", "1")
+    good = write_csv(tmp_path / "validation.csv", f"text,label\ngood,{names[1]}\nbad,{names[0]}\n")
+    return DataConfig(source="local", train_file=write_csv(tmp_path / "train.csv", train), validation_file=good, **kw)
+
+
+@pytest.mark.parametrize("content,kw,needle", [
+    ("text,label\ngood,pos\nbad,neg\n", {}, "train.csv, row 1 (line 2): string label 'pos'; list the classes in order in data.label_names"),
+    ("text,label\ngood,pos\nbad,meh\n", {"label_names": ("neg", "pos")}, "train.csv, row 2 (line 3): unknown label 'meh'; allowed (data.label_names): neg, pos"),
+    ("text,label\ngood,1.5\nbad,0\n", {}, "train.csv, row 1 (line 2): label 1.5 is not an integer class"),
+    ("text,label\ngood,1\nbad,\n", {}, "train.csv, row 2 (line 3): the label is missing"),
+    ("text,label\ngood,1\nbad,2\n", {}, "train.csv, row 2 (line 3): label 2 outside [0, 2)"),
+    ("text,label\ngood,1\n,0\n", {}, "train.csv, row 2 (line 3): the text is empty"),
+    ("", {}, "train.csv is empty (not even a header row)"),
+    ("text,label\n", {}, "train.csv has no rows"),
+    (b"text,label\ngood,1\nb\xe9d,0\n", {}, "train.csv, line 3: not valid UTF-8 (byte 0xe9"),
+    ("text,label\ngood,1\nbad,1\n", {}, "every one of its 2 rows has label 1: a classifier cannot learn from one class"),
+])
+def test_bad_local_data_is_refused_with_file_row_and_column(tmp_path, content, kw, needle):
+    from hpc_kd.data import check_data
+
+    with pytest.raises(ConfigError) as info:
+        check_data(local(tmp_path, content, **kw))
+    assert needle in str(info.value), str(info.value)
+    assert str(tmp_path / "train.csv") in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_string_labels_map_through_label_names_and_enter_the_fingerprint(tmp_path):
+    cfg = local(tmp_path, "text,label\ngood,pos\nbad,neg\nfine, pos \n", label_names=("neg", "pos"))
+    train = load_splits(cfg)["train"]
+    assert train.labels.tolist() == [1, 0, 1]
+    flipped = load_splits(local(tmp_path, "text,label\ngood,pos\nbad,neg\nfine, pos \n", label_names=("pos", "neg")))
+    assert flipped["train"].labels.tolist() == [0, 1, 0]
+    assert flipped["train"].fingerprint() != train.fingerprint()
+    with pytest.raises(ConfigError, match="label_names: 3 names for num_labels 2"):
+        DataConfig(label_names=("a", "b", "c"))
