@@ -458,12 +458,21 @@ def read_yaml(path: str | os.PathLike) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError("", f"{path} is not valid YAML: {err}") from None
+        raise ConfigError("", f"{path} is not valid YAML: {yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError("", f"{path} must hold a mapping at the top level")
     return data
+
+
+def yaml_problem(err: "yaml.YAMLError") -> str:
+    """A YAML error in one line: what is wrong, and where (line and column, 1-based)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = " ".join(str(getattr(err, "problem", None) or err).split())
+    context = getattr(err, "context", None)
+    text = f"{' '.join(context.split())}: {problem}" if context else problem
+    return text + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else "")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

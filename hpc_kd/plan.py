@@ -157,6 +157,8 @@ def expand(data: dict) -> tuple[list[tuple[dict, ExperimentConfig]], tuple[str, 
         if not isinstance(part, dict) or (isinstance(grid, list) and not part):
             raise ConfigError(where, "must map dotted config keys to lists of values (or be a list of such mappings)")
         for key, values in part.items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{where}.{key}", "a grid axis must be a dotted config key such as distill.policy")
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{where}.{key}", "must be a non-empty list of values")
             if key.split(".")[0] in ("name", "output_root", "run"):
@@ -177,11 +179,29 @@ def expand(data: dict) -> tuple[list[tuple[dict, ExperimentConfig]], tuple[str, 
     return cells, tuple(dict.fromkeys(key for part in grids for key in part))
 
 
+def override(data: dict, key: str, value) -> dict:
+    """``data`` with one command-line override applied. ``grid.<dotted key>=[...]`` sets that grid
+    axis (in every part of a union), whose key itself has dots: ``grid.distill.policy=[teacher]``;
+    ``grid=null`` drops the grid."""
+    if key.startswith("grid.") and isinstance(data.get("grid"), (dict, list)):
+        axis = key[len("grid."):]
+        grid = data["grid"]
+        parts = [dict(p) if isinstance(p, dict) else p for p in (grid if isinstance(grid, list) else [grid])]
+        for part in parts:
+            if isinstance(part, dict):
+                part[axis] = value
+        return {**data, "grid": parts if isinstance(grid, list) else parts[0]}
+    if key.startswith("grid."):
+        return {**data, "grid": {key[len("grid."):]: value}}
+    return set_dotted(data, key, value)
+
+
 def load_plan(path: str | Path, overrides: list[str] = ()) -> Plan:
     data = read_yaml(path)
+    if not data:
+        raise ConfigError("", f"{path} is empty: a sweep file needs at least a name (see jobs/demo.yaml)")
     for text in overrides:
-        key, value = parse_override(text)
-        data = set_dotted(data, key, value)
+        data = override(data, *parse_override(text))
     cells, grid_keys = expand(data)
     return build_plan(cells, grid_keys)
 

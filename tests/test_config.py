@@ -158,3 +158,36 @@ def test_bad_data_file_fails_the_launch_before_anything_is_written(tmp_path, tin
     assert proc.stderr.strip().count("\n") == 0
     assert proc.stderr.startswith(f"config error: data.label_column ('label'): {train}, row 1 (line 2): string label 'pos'")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("", "is empty: a sweep file needs at least a name"),
+    ("# only a comment\n", "is empty: a sweep file needs at least a name"),
+    ("name: t\ngrid:\n  ~: [1, 2]\n", "config error: grid.None: a grid axis must be a dotted config key"),
+    ("name: t\ngrid:\n  5: [1, 2]\n", "config error: grid.5: a grid axis must be a dotted config key"),
+    ("name: !!python/name:os.system t\n", "is not valid YAML: could not determine a constructor for the tag"),
+    ("name: [t\n", "is not valid YAML:"),
+])
+def test_bad_sweep_files_exit_2_in_one_line(tmp_path, text, needle):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "hpc_kd.launch", str(path), "--executor", "local"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert needle in proc.stderr
+    assert not (tmp_path / "results").exists()  # nothing started (an empty file once ran a default sweep)
+
+
+def test_a_grid_axis_can_be_overridden_from_the_command_line(tmp_path, tiny_model):
+    data = tiny_config(tiny_model, tmp_path, grid={"distill.policy": ["teacher", "min_loss"], "seed": [0, 1]})
+    path = write_yaml(tmp_path / "s.yaml", data)
+    plan = load_plan(path, ["grid.distill.policy=[teacher]"])
+    assert [c.values for c in plan.cells] == [{"distill.policy": "teacher", "seed": 0}, {"distill.policy": "teacher", "seed": 1}]
+    plan = load_plan(path, ["grid.student.layers=[[2], [1]]", "seed=3", "grid.seed=[3]"])
+    assert sorted((c.config.distill.policy, c.config.student.layers) for c in plan.cells) == sorted(
+        (p, d) for p in ("teacher", "min_loss") for d in ((2,), (1,)))
+    assert len(load_plan(path, ["grid=null"]).cells) == 1
+    union = dict(data, grid=[{"distill.policy": ["teacher"]}, {"distill.policy": ["min_loss"], "distill.tutor_update": ["frozen"]}])
+    plan = load_plan(write_yaml(tmp_path / "u.yaml", union), ["grid.seed=[0, 1]"])
+    assert len(plan.cells) == 4 and {c.tutor_mode.value for c in plan.cells} == {"none", "frozen"}
