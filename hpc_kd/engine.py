@@ -186,7 +186,7 @@ class EngineTrainer(Trainer):
 
     def state_dict(self) -> dict:
         """Writes the engines' checkpoints (every rank), then returns the loop's dict naming them."""
-        folder = self.run.path / "deepspeed"
+        folder = self.run.deepspeed
         self.student.save(folder / "student", self._tag())
         if self.task.tutor_learns:
             self.task.tutor.trainee.save(folder / "tutor", self._tag())
@@ -204,7 +204,7 @@ class EngineTrainer(Trainer):
         if state["world_size"] != self.world.size:
             raise RuntimeError(f"{self.run.checkpoint} was written by {state['world_size']} ranks, this job has "
                                f"{self.world.size}: resume with as many ranks (or delete it to restart)")
-        folder, tag = self.run.path / "deepspeed", state["deepspeed"]
+        folder, tag = self.run.deepspeed, state["deepspeed"]
         self.student.load(folder / "student", tag)
         if self.task.tutor_learns:
             self.task.tutor.trainee.load(folder / "tutor", tag)
@@ -221,7 +221,7 @@ class EngineTrainer(Trainer):
         distributed.barrier()  # every rank has saved its part: now the dict may name the tag
         self.run.save_checkpoint(state)  # rank 0 only
         if self.world.is_main:
-            for engine in (self.run.path / "deepspeed").iterdir():
+            for engine in (self.run.deepspeed).iterdir():
                 for old in engine.iterdir():
                     if old.is_dir() and old.name != state["deepspeed"]:
                         shutil.rmtree(old, ignore_errors=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .rundir import RunDir, write_atomic
+from .rundir import SweepDir, write_atomic
 
 GROUP_OMIT = ("seed", "val_acc", "val_macro_f1", "test_acc", "test_macro_f1", "teacher_share", "teacher_batches",
               "collapsed", "params", "state", "run", "role")
@@ -84,7 +84,7 @@ def _order(r: dict) -> tuple:
 
 
 def _correct(root: Path, run: str, split: str) -> np.ndarray | None:
-    correct = RunDir(root / "runs" / run).result()[split].get("correct")  # absent in older results
+    correct = SweepDir(root).run(run).result()[split].get("correct")  # absent in older results
     return None if correct is None else np.asarray(correct, dtype=float)
 
 
@@ -234,7 +234,7 @@ def plot_teacher_share(root: Path, rows: list[dict], path: Path) -> None:
     for r in students_done(rows):
         if r["policy"] == "teacher":
             continue
-        logs = [m for m in RunDir(root / "runs" / r["run"]).metrics() if m["type"] == "train" and "teacher_share" in m]
+        logs = [m for m in SweepDir(root).run(r["run"]).metrics() if m["type"] == "train" and "teacher_share" in m]
         if logs:
             total = max(m["step"] for m in logs)
             curves[(r.get("tutor_update"), r["policy"])].append(
@@ -274,14 +274,14 @@ def plot_confusion(matrix: list[list[int]], title: str, path: Path) -> None:
 
 def write_report(root: str | Path, rows: list[dict]) -> str | None:
     """summary.md and plots/ for a sweep with student runs; returns the summary text."""
-    root = Path(root)
+    root, sweep = Path(root), SweepDir(root)
     if not students_done(rows):
         return None
     summ = summary(rows)
     paired = paired_vs_kd(root, rows)
     text = summary_markdown(summ, paired)
-    write_atomic(root / "summary.md", text)
-    plots = root / "plots"
+    write_atomic(sweep.summary_file, text)
+    plots = sweep.plots
     plots.mkdir(exist_ok=True)
     plot_accuracy_vs_depth(summ, plots / "accuracy_vs_depth.png")
     plot_teacher_share(root, rows, plots / "teacher_share.png")
@@ -289,7 +289,7 @@ def write_report(root: str | Path, rows: list[dict]) -> str | None:
         old.unlink()
     for r in students_done(rows):
         if r["collapsed"]:
-            res = RunDir(root / "runs" / r["run"]).result()
+            res = sweep.run(r["run"]).result()
             title = f"{r['run']}\n{r['depth']} layers, {r['policy']}, {r.get('tutor_update')}, seed {r['seed']}"
             plot_confusion(res["validation"]["confusion"], title, plots / f"confusion_{r['run']}.png")
     return text

@@ -1,15 +1,25 @@
-"""A run's folder: ``<root>/runs/<kind>-<signature>/``.
+"""The folders of a sweep and of its runs: the one place that names their files.
 
-It holds ``config.json`` (the stage's settings, enough to rebuild it), ``metrics.jsonl``
-(append-only records), ``result.json`` (written last: its presence means "done"), ``model/``
-and ``checkpoint.pt``. Every file is written to a temporary name and renamed. Nothing here is
-loaded with pickle: JSON for records, safetensors / ``torch.load(weights_only=True)`` for tensors.
+A sweep folder (:class:`SweepDir`, ``<output_root>/<name>/``) holds ``sweep.json`` (the plan, as
+the launcher recorded it), ``runs/`` (one folder per stage), ``runs.lock`` (the launch lock),
+``submitit/`` (the jobs' logs), the results table ``table.{md,csv,parquet}``, ``summary.md`` and
+``plots/``.
+
+A run's folder (:class:`RunDir`, ``runs/<kind>-<signature>/``) holds ``config.json`` (the stage's
+settings, enough to rebuild it), ``metrics.jsonl`` (append-only records), ``result.json``
+(written last: its presence means "done"), ``error.json`` (written by a job that raised: its
+presence means "failed"), ``job.json`` (the launcher's record of the job that runs it),
+``model/``, ``tutor/``, ``logits/``, ``tutor_cache/``, ``deepspeed/`` and ``checkpoint.pt``.
+Every file is written to a temporary name and renamed. Nothing here is loaded with pickle: JSON
+for records, safetensors / ``torch.load(weights_only=True)`` for tensors.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -55,6 +65,21 @@ class RunDir:
         return self.path / "tutor"
 
     @property
+    def logits(self) -> Path:
+        """A cache stage's logit shards and manifest (see :mod:`hpc_kd.cache`)."""
+        return self.path / "logits"
+
+    @property
+    def tutor_cache(self) -> Path:
+        """``tutor_update: refresh``: the tutor's logit cache of the current epoch."""
+        return self.path / "tutor_cache"
+
+    @property
+    def deepspeed(self) -> Path:
+        """The DeepSpeed engines' checkpoints of a run under way."""
+        return self.path / "deepspeed"
+
+    @property
     def checkpoint(self) -> Path:
         return self.path / "checkpoint.pt"
 
@@ -62,22 +87,70 @@ class RunDir:
     def metrics_file(self) -> Path:
         return self.path / "metrics.jsonl"
 
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def result_file(self) -> Path:
+        return self.path / "result.json"
+
+    @property
+    def error_file(self) -> Path:
+        return self.path / "error.json"
+
+    @property
+    def job_file(self) -> Path:
+        return self.path / "job.json"
+
     def done(self) -> bool:
-        return (self.path / "result.json").is_file()
+        return self.result_file.is_file()
 
     def result(self) -> dict:
-        return read_json(self.path / "result.json")
+        return read_json(self.result_file)
+
+    def discard_result(self) -> None:
+        self.result_file.unlink(missing_ok=True)
 
     def config(self) -> dict:
-        return read_json(self.path / "config.json")
+        return read_json(self.config_file)
 
     def start(self, config: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        write_json(self.path / "config.json", config)
+        write_json(self.config_file, config)
 
     def finish(self, result: dict) -> None:
-        write_json(self.path / "result.json", result)
+        write_json(self.result_file, result)
         self.checkpoint.unlink(missing_ok=True)
+
+    # error.json: why the run's last job failed; its presence means "failed" until the run is
+    # started again (:meth:`clear_error`).
+    def failed(self) -> bool:
+        return self.error_file.is_file()
+
+    def error(self) -> dict:
+        try:
+            return read_json(self.error_file)
+        except ValueError:
+            return {"error": "failed (error.json unreadable)"}
+
+    def write_error(self, record: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(self.error_file, record)
+
+    def clear_error(self) -> None:
+        self.error_file.unlink(missing_ok=True)
+
+    # job.json: the launcher's record of the job that runs (or ran) this stage.
+    def job(self) -> dict | None:
+        try:
+            return read_json(self.job_file)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def write_job(self, record: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(self.job_file, record)
 
     # metrics.jsonl: appended one line per record; on resume it is cut back to the number of
     # records the checkpoint knew about, so a resumed run's file equals an uninterrupted one's.
@@ -104,3 +177,68 @@ class RunDir:
         if not self.checkpoint.exists():
             return None
         return torch.load(self.checkpoint, weights_only=True, map_location="cpu")
+
+
+class SweepDir:
+    """A launched sweep's folder: ``<output_root>/<name>/``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    def run(self, key: str, recorded: dict | None = None) -> RunDir:
+        """Stage ``key``'s run folder: ``runs/<key>``, or where its ``sweep.json`` entry
+        (``recorded``) says it is."""
+        where = (recorded or {}).get("run")
+        return RunDir(self.root / where) if where else RunDir(self.runs / key)
+
+    @property
+    def sweep_file(self) -> Path:
+        return self.root / "sweep.json"
+
+    def has_sweep(self) -> bool:
+        return self.sweep_file.is_file()
+
+    def read_sweep(self) -> dict:
+        return read_json(self.sweep_file)
+
+    def write_sweep(self, record: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json(self.sweep_file, record)
+
+    @property
+    def lock_file(self) -> Path:
+        """Held by a launcher while it plans and submits (:func:`hpc_kd.status.launch_lock`)."""
+        return self.root / "runs.lock"
+
+    @property
+    def submitit(self) -> Path:
+        """One folder per launch, holding its jobs' pickles and logs."""
+        return self.root / "submitit"
+
+    def table(self, ext: str) -> Path:
+        """The results table: ``table.md``, ``table.csv`` or ``table.parquet``."""
+        return self.root / f"table.{ext}"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.root / "summary.md"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+
+def sweep_dir_argument(prog: str, description: str, argv) -> Path | None:
+    """Parse ``SWEEP_DIR`` for a command that reads a launched sweep; None (after one line on
+    stderr) when the folder holds no sweep.json."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("sweep_dir", help="results/<sweep>, the folder holding sweep.json")
+    root = Path(parser.parse_args(argv).sweep_dir)
+    if not SweepDir(root).has_sweep():
+        print(f"error: {root} holds no sweep.json (launch a sweep into it first)", file=sys.stderr)
+        return None
+    return root

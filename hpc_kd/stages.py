@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import DataConfig, RunConfig, TrainConfig, to_dict
-from .rundir import RunDir, signature
+from .rundir import RunDir, SweepDir, signature
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class ModelRef:
     part: str = "model"
 
     def path(self, root: Path) -> Path:
-        return Path(root) / "runs" / self.stage / self.part
+        return SweepDir(root).run(self.stage).path / self.part
 
 
 # Fields that only label a stage for people; they never enter the signature.
@@ -62,7 +62,7 @@ class Stage:
         return []
 
     def run_dir(self, root: Path) -> RunDir:
-        return RunDir(Path(root) / "runs" / self.key)
+        return SweepDir(root).run(self.key)
 
     def __call__(self, root: str | Path, run_cfg: RunConfig = RunConfig(), on_step=None) -> dict:
         from . import distributed
@@ -76,7 +76,7 @@ class Stage:
         if distributed.broadcast(run.done()):
             return run.result()
         for ref in self.inputs():
-            if not (Path(root) / "runs" / ref.stage / "result.json").is_file():
+            if not SweepDir(root).run(ref.stage).done():
                 raise FileNotFoundError(f"{self.key} needs {ref.stage}/{ref.part}, which has not been produced")
         if run_cfg.threads:
             torch.set_num_threads(run_cfg.threads)
@@ -172,7 +172,7 @@ class CacheLogits(Stage):
         return [self.model]
 
     def folder(self, root: Path) -> Path:
-        return self.run_dir(root).path / "logits"
+        return self.run_dir(root).logits
 
     def expected(self, root: Path, dataset) -> dict:
         """The producer fingerprint a reader training on ``dataset`` requires."""
@@ -217,8 +217,7 @@ class CacheLogits(Stage):
         distributed.barrier()  # every rank is done reading before rank 0 deletes
         if distributed.current().is_main:
             print(f"[cache] {error}; rebuilding {self.key} from {self.model.stage}/{self.model.part}", file=sys.stderr)
-            run = self.run_dir(root)
-            (run.path / "result.json").unlink(missing_ok=True)
+            self.run_dir(root).discard_result()
             shutil.rmtree(self.folder(root), ignore_errors=True)
         distributed.barrier()
         self(root, run_cfg)
@@ -316,7 +315,7 @@ class Distill(Stage):
         from .cache import CacheError, LogitCache, write_cache
 
         def make(epoch: int):
-            folder = run.path / "tutor_cache" / f"epoch-{epoch:03d}"
+            folder = run.tutor_cache / f"epoch-{epoch:03d}"
             prod = {"weights": f"{self.key}@epoch{epoch}", "tokenizer": "", "max_length": self.data.max_length,
                     "dataset": self.data.name, "split": "train", "data": dataset.fingerprints["train"]}
             ids = dataset.encoded["train"].ids
@@ -332,7 +331,7 @@ class Distill(Stage):
                 return valid
             distributed.barrier()
             if distributed.current().is_main:
-                for old in (run.path / "tutor_cache").glob("epoch-*"):
+                for old in run.tutor_cache.glob("epoch-*"):
                     if old != folder:
                         shutil.rmtree(old, ignore_errors=True)
             # under ZeRO-3 ranks would run different numbers of (collective) forward passes
