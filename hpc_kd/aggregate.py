@@ -9,14 +9,13 @@ missing), never silently dropped. Writes ``table.md`` (also printed),
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import sys
 from pathlib import Path
 
-from .rundir import RunDir, read_json, write_atomic
-from .status import ordered, stage_states
+from .rundir import SweepDir, sweep_dir_argument, write_atomic
+from .status import State, ordered, stage_states
 
 COLUMNS = ["role", "depth", "iteration", "chain", "policy", "seed", "tutor_update", "test_acc", "test_macro_f1",
            "val_acc", "val_macro_f1", "teacher_share", "teacher_batches", "collapsed", "params", "state", "run"]
@@ -29,8 +28,8 @@ def _row(root: Path, key: str, sweep: dict, extra: dict, states: dict) -> dict:
     row = {c: None for c in COLUMNS}
     row.update({"role": info["role"], "depth": info["layers"], "run": key, "state": states[key].state})
     row.update(extra)
-    if row["state"] == "done":
-        res = RunDir(root / info.get("run", f"runs/{key}")).result()
+    if row["state"] == State.DONE:
+        res = SweepDir(root).run(key, info).result()
         row["depth"] = res.get("layers", row["depth"])
         row["val_acc"] = res["validation"]["accuracy"]
         row["val_macro_f1"] = res["validation"]["macro_f1"]
@@ -51,7 +50,7 @@ def collect(root: str | Path, states: dict | None = None) -> list[dict]:
     each stage's :class:`hpc_kd.status.StageStatus` (default: looked up now, asking the scheduler
     about stages that have a job record)."""
     root = Path(root)
-    sweep = read_json(root / "sweep.json")
+    sweep = SweepDir(root).read_sweep()
     if states is None:
         states = stage_states(root, ordered(sweep))
     rows, seen = [], set()
@@ -101,28 +100,29 @@ def write_tables(root: str | Path, rows: list[dict]) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    root = Path(root)
+    sweep = SweepDir(root)
     markdown = to_markdown(rows)
-    write_atomic(root / "table.md", markdown)
+    write_atomic(sweep.table("md"), markdown)
     cols = columns_of(rows)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic(root / "table.csv", buf.getvalue())
+    write_atomic(sweep.table("csv"), buf.getvalue())
     table = pa.Table.from_pylist([{c: (None if row.get(c) is None else str(row[c]) if c in ("teacher_batches", "run", "state", "role", "policy", "tutor_update", "chain") else row.get(c)) for c in cols} for row in rows])
-    tmp = root / ".table.parquet.tmp"
+    parquet = sweep.table("parquet")
+    tmp = parquet.with_name(f".{parquet.name}.tmp")
     pq.write_table(table, tmp)
-    tmp.replace(root / "table.parquet")
+    tmp.replace(parquet)
     return markdown
 
 
 def cache_note(root: Path) -> str:
     """One line on the logit caches of the sweep and their size on disk."""
-    sweep = read_json(root / "sweep.json")
+    sweep = SweepDir(root)
     sizes = []
-    for key, info in sweep["stages"].items():
-        run = RunDir(root / "runs" / key)
+    for key, info in sweep.read_sweep()["stages"].items():
+        run = sweep.run(key)
         if info["kind"] == "cache" and run.done():
             res = run.result()
             sizes.append((res["rows"], res["bytes"]))
@@ -142,20 +142,9 @@ def aggregate(root: str | Path) -> str:
     text = write_tables(root, rows) + cache_note(root)
     summary = write_report(root, rows)
     if summary:
-        text += "\n" + summary + f"\n(written to {root}/table.md, summary.md and plots/)\n"
+        sweep = SweepDir(root)
+        text += "\n" + summary + f"\n(written to {sweep.table('md')}, {sweep.summary_file.name} and {sweep.plots.name}/)\n"
     return text
-
-
-def sweep_dir_argument(prog: str, description: str, argv) -> Path | None:
-    """Parse ``SWEEP_DIR`` for a command that reads a launched sweep; None (after one line on
-    stderr) when the folder holds no sweep.json."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("sweep_dir", help="results/<sweep>, the folder holding sweep.json")
-    root = Path(parser.parse_args(argv).sweep_dir)
-    if not (root / "sweep.json").is_file():
-        print(f"error: {root} holds no sweep.json (launch a sweep into it first)", file=sys.stderr)
-        return None
-    return root
 
 
 def main(argv=None) -> int:

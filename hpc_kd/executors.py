@@ -4,7 +4,8 @@ time, in dependency order) and ``debug`` (in this process, one after the other).
 
 Every executor decides the same way (:func:`decide`): done stages are skipped, stages queued or
 running on SLURM are left alone (their jobs become dependencies), failed stages run again only
-with ``retry``, and a stage whose input failed is blocked. The decision and the submission happen
+with ``retry``, and a stage whose input failed is blocked (:func:`hpc_kd.status.blocked_by`
+says so, once, in the stage's state). The decision and the submission happen
 under :func:`hpc_kd.status.launch_lock`, so concurrent launches never submit a stage twice. Each
 submitted stage gets a ``job.json`` record in its run folder.
 """
@@ -25,8 +26,8 @@ import submitit
 
 from .config import RunConfig
 from .resources import Profile, Resources, as_dict, describe, submitit_parameters
-from .rundir import read_json, write_json
-from .status import StageStatus, counts, first_line, read_job, stage_states, write_job
+from .rundir import RunDir
+from .status import StageStatus, State, TextEnum, counts, first_line, stage_states
 
 #: sbatch flags every stage job gets: a job whose input failed is cancelled, not left pending.
 SLURM_FLAGS = {"kill-on-invalid-dep": "yes"}
@@ -62,8 +63,7 @@ class StageJob(submitit.helpers.Checkpointable):
             self.stage(self.root, run_cfg)
         except Exception as err:  # recorded for `status`; re-raised so the scheduler sees a failure
             if main:
-                run.path.mkdir(parents=True, exist_ok=True)
-                write_json(run.path / "error.json", {
+                run.write_error({
                     "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
                     "job_id": _current_job_id(), "host": socket.gethostname(), "log": _current_log()})
             raise
@@ -95,44 +95,36 @@ def _current_log() -> str | None:
 # -- deciding ---------------------------------------------------------------------------------
 
 
+class Action(TextEnum):
+    """What a launch does with a stage."""
+
+    DONE = "done"  # nothing: it is done
+    INFLIGHT = "inflight"  # nothing: its job is queued or running (SLURM: a dependency)
+    SUBMIT = "submit"  # run it
+    FAILED = "failed"  # nothing: it failed (``retry`` runs it again)
+    BLOCKED = "blocked"  # nothing: an input failed (``retry`` runs it again, after that input)
+
+
+#: the action for each state, without ``retry``
+ACTION = {State.DONE: Action.DONE, State.RUNNING: Action.INFLIGHT, State.PENDING: Action.INFLIGHT,
+          State.FAILED: Action.FAILED, State.BLOCKED: Action.BLOCKED, State.MISSING: Action.SUBMIT}
+
+
 def graph(plan) -> dict[str, dict]:
     """Stage key -> {"needs", "run", ...}: the shape :func:`hpc_kd.status.stage_states` reads."""
     return {key: {"kind": s.kind, "role": s.role, "layers": s.depth, "needs": sorted({r.stage for r in s.inputs()}),
                   "run": os.path.relpath(s.run_dir(plan.root).path, plan.root)} for key, s in plan.stages.items()}
 
 
-def runs_dir(plan) -> Path:
-    return next(iter(plan.stages.values())).run_dir(plan.root).path.parent
-
-
-def decide(plan, states: dict[str, StageStatus], retry: bool = False) -> dict[str, str]:
-    """Stage key -> done | inflight | submit | failed | blocked, in topological order."""
-    out: dict[str, str] = {}
-    for key, stage in plan.stages.items():
-        state = states[key].state
-        inputs = [out[r.stage] for r in stage.inputs() if r.stage in out]
-        if state == "done":
-            out[key] = "done"
-        elif state in ("pending", "running"):
-            out[key] = "inflight"
-        elif state == "failed" and not retry:
-            out[key] = "failed"
-        elif any(i in ("failed", "blocked") for i in inputs):
-            out[key] = "blocked"
-        else:
-            out[key] = "submit"
+def decide(plan, states: dict[str, StageStatus], retry: bool = False) -> dict[str, Action]:
+    """Stage key -> what to do with it, in topological order. ``states`` (of every stage of the
+    plan, from :func:`hpc_kd.status.stage_states`) already say which stages are blocked and by
+    what; ``retry`` runs the failed stages again, and so everything they blocked."""
+    out: dict[str, Action] = {}
+    for key in plan.stages:
+        action = ACTION[states[key].state]
+        out[key] = Action.SUBMIT if retry and action in (Action.FAILED, Action.BLOCKED) else action
     return out
-
-
-def blocked_reason(plan, actions: dict[str, str], key: str) -> str:
-    """The failed stage at the root of ``key``'s block."""
-    frontier = [r.stage for r in plan.stages[key].inputs()]
-    while frontier:
-        k = frontier.pop(0)
-        if actions.get(k) == "failed":
-            return k
-        frontier += [r.stage for r in plan.stages[k].inputs()]
-    return "an input"
 
 
 def _new_record(executor: str, previous: dict | None, **fields) -> dict:
@@ -144,10 +136,10 @@ def _new_record(executor: str, previous: dict | None, **fields) -> dict:
             **fields}
 
 
-def _prepare(run_path: Path) -> dict | None:
+def _prepare(run: RunDir) -> dict | None:
     """Before (re)running a stage: forget its last failure; return its previous job record."""
-    (run_path / "error.json").unlink(missing_ok=True)
-    return read_job(run_path)
+    run.clear_error()
+    return run.job()
 
 
 def launch_id() -> str:
@@ -194,14 +186,14 @@ def slurm_submit(folder: Path, jobs: list[StageJob], res: Resources, name: str, 
     return [Submitted(j.job_id, str(j.paths.stdout), str(j.paths.stderr)) for j in submitted]
 
 
-def submit_slurm(plan, actions: dict[str, str], states: dict[str, StageStatus], profile: Profile,
+def submit_slurm(plan, actions: dict[str, Action], states: dict[str, StageStatus], profile: Profile,
                  folder: Path, run_cfg: RunConfig, submit=None, log=print) -> dict[str, str]:
     """Submit every stage marked ``submit``, upstream first. Stages of one kind, with the same
     resources and the same dependencies, go as one job array. Returns stage key -> job id.
     ``submit``: how a group is submitted (default :func:`slurm_submit`; tests fake it)."""
     submit = submit or slurm_submit
-    job_ids = {k: states[k].job_id for k, a in actions.items() if a == "inflight"}
-    todo = [k for k, a in actions.items() if a == "submit"]
+    job_ids = {k: states[k].job_id for k, a in actions.items() if a is Action.INFLIGHT}
+    todo = [k for k, a in actions.items() if a is Action.SUBMIT]
     wave: dict[str, int] = {}
     for key in todo:
         ups = [wave[r.stage] for r in plan.stages[key].inputs() if r.stage in wave]
@@ -218,11 +210,11 @@ def submit_slurm(plan, actions: dict[str, str], states: dict[str, StageStatus], 
             groups.setdefault((stage.kind, profile.for_kind(stage.kind), after), []).append(key)
         for (kind, res, after), keys in groups.items():
             name = f"hpckd-{kind}-{uid}"
-            previous = {k: _prepare(plan.stages[k].run_dir(plan.root).path) for k in keys}
+            previous = {k: _prepare(plan.stages[k].run_dir(plan.root)) for k in keys}
             jobs = [StageJob(plan.stages[k], plan.root.resolve(), run_cfg, threads=res.cpus_per_task) for k in keys]
             for key, sub in zip(keys, submit(folder, jobs, res, name, list(after))):
                 job_ids[key] = sub.job_id
-                write_job(plan.stages[key].run_dir(plan.root).path, _new_record(
+                plan.stages[key].run_dir(plan.root).write_job(_new_record(
                     "slurm", previous[key], job_id=sub.job_id, name=name, folder=str(folder), stdout=sub.stdout,
                     stderr=sub.stderr, after=list(after), resources=as_dict(res)))
             array = f" as an array of {len(keys)}" if len(keys) > 1 else ""
@@ -240,9 +232,9 @@ def follow(plan, poll_s: float = 2.0, timeout_s: float | None = None, log=print)
         for key, st in states.items():
             if seen.get(key) != st.state:
                 seen[key] = st.state
-                what = f"never ran because {st.blocked_by} failed" if st.state == "blocked" else first_line(st.detail)
+                what = f"never ran because {st.blocked_by} failed" if st.state is State.BLOCKED else first_line(st.detail)
                 log(f"[{st.state}] {key} ({shape[key]['role']}) {what}".rstrip())
-        active = [k for k, st in states.items() if st.state in ("pending", "running")]
+        active = [k for k, st in states.items() if st.state in (State.PENDING, State.RUNNING)]
         summary = counts(states) + "".join(f"; {k}: {p}" for k in active if (p := _progress(plan, k)))
         if summary != last_summary:
             log(f"  ... {summary}")
@@ -276,13 +268,13 @@ def _progress(plan, key: str) -> str:
 # -- local and debug --------------------------------------------------------------------------
 
 
-def run_here(plan, actions: dict[str, str], run_cfg: RunConfig, *, folder: Path | None = None, jobs: int = 1,
-             profile: Profile | None = None, log=print, poll_s: float = 0.2) -> dict[str, str]:
+def run_here(plan, actions: dict[str, Action], run_cfg: RunConfig, *, folder: Path | None = None, jobs: int = 1,
+             profile: Profile | None = None, log=print, poll_s: float = 0.2) -> dict[str, Action]:
     """Run the ``submit`` stages on this machine in dependency order: in this process when
     ``folder`` is None (debug), else as up to ``jobs`` submitit subprocesses. Returns each
     stage's outcome: done | failed | blocked | inflight (left to SLURM) ."""
-    outcome = {k: a for k, a in actions.items() if a != "submit"}
-    waiting = [k for k, a in actions.items() if a == "submit"]
+    outcome = {k: a for k, a in actions.items() if a is not Action.SUBMIT}
+    waiting = [k for k, a in actions.items() if a is Action.SUBMIT]
     running: dict[str, tuple] = {}
     executor = None if folder is None else submitit.LocalExecutor(folder=folder)
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
@@ -296,14 +288,14 @@ def run_here(plan, actions: dict[str, str], run_cfg: RunConfig, *, folder: Path 
                 shown, next_show = now, time.monotonic() + PROGRESS_EVERY_S
             for key in list(waiting):
                 ins = [outcome.get(r.stage) for r in plan.stages[key].inputs()]
-                if any(i in ("failed", "blocked", "inflight") for i in ins):
+                if any(i in (Action.FAILED, Action.BLOCKED, Action.INFLIGHT) for i in ins):
                     waiting.remove(key)
-                    outcome[key] = "blocked"
-                    cause = next(r.stage for r in plan.stages[key].inputs() if outcome.get(r.stage) != "done")
-                    why = f"is still queued or running (job {states_note(plan, cause)})" if outcome[cause] == "inflight" \
+                    outcome[key] = Action.BLOCKED
+                    cause = next(r.stage for r in plan.stages[key].inputs() if outcome.get(r.stage) is not Action.DONE)
+                    why = f"is still queued or running (job {states_note(plan, cause)})" if outcome[cause] is Action.INFLIGHT \
                         else "did not finish"
                     log(f"[skip] {key}: never ran, because {cause} {why}")
-                elif all(i == "done" for i in ins) and len(running) < jobs:
+                elif all(i is Action.DONE for i in ins) and len(running) < jobs:
                     waiting.remove(key)
                     running[key] = _start(plan, key, run_cfg, executor, profile, threads, log)
             for key, (job, started) in list(running.items()):
@@ -321,19 +313,19 @@ def run_here(plan, actions: dict[str, str], run_cfg: RunConfig, *, folder: Path 
 
 
 def states_note(plan, key: str) -> str:
-    record = read_job(plan.stages[key].run_dir(plan.root).path) or {}
+    record = plan.stages[key].run_dir(plan.root).job() or {}
     return f"{record.get('executor')} {record.get('job_id')}"
 
 
 def _start(plan, key, run_cfg, executor, profile, threads, log):
     stage = plan.stages[key]
-    run_path = stage.run_dir(plan.root).path
-    previous = _prepare(run_path)
+    run = stage.run_dir(plan.root)
+    previous = _prepare(run)
     log(f"[run] {key} ({stage.role}" + (f", {stage.depth} layers)" if stage.depth else ")"))
     job = StageJob(stage, plan.root.resolve(), run_cfg, threads=None if executor is None else threads)
     started = time.time()
     if executor is None:  # debug: right here, right now
-        write_job(run_path, _new_record("debug", previous, job_id=str(os.getpid())))
+        run.write_job(_new_record("debug", previous, job_id=str(os.getpid())))
         try:
             job()
         except Exception:
@@ -342,23 +334,22 @@ def _start(plan, key, run_cfg, executor, profile, threads, log):
     res = (profile or Profile()).for_kind(stage.kind)
     executor.update_parameters(**submitit_parameters(res, "local"))
     submitted = executor.submit(job)
-    write_job(run_path, _new_record("local", previous, job_id=submitted.job_id, folder=str(executor.folder),
-                                    stdout=str(submitted.paths.stdout), stderr=str(submitted.paths.stderr)))
+    run.write_job(_new_record("local", previous, job_id=submitted.job_id, folder=str(executor.folder),
+                              stdout=str(submitted.paths.stdout), stderr=str(submitted.paths.stderr)))
     return submitted, started
 
 
-def _finish(plan, key, job, started, log) -> str:
+def _finish(plan, key, job, started, log) -> Action:
     run = plan.stages[key].run_dir(plan.root)
     seconds = time.time() - started
     if run.done():
         log(f"[done] {key} in {seconds:.0f}s")
-        return "done"
-    error = run.path / "error.json"
-    if not error.exists():  # killed before the stage could say why
+        return Action.DONE
+    if not run.failed():  # killed before the stage could say why
         detail = "the job ended without a result"
         if job is not None:
             tail = (job.stderr() or "").strip().splitlines()[-3:]
             detail += (": " + " | ".join(tail)) if tail else ""
-        write_json(error, {"error": detail, "log": str(job.paths.stderr) if job is not None else None})
-    log(f"[failed] {key}: {first_line(read_json(error).get('error', ''))} (details: {error})")
-    return "failed"
+        run.write_error({"error": detail, "log": str(job.paths.stderr) if job is not None else None})
+    log(f"[failed] {key}: {first_line(run.error().get('error', ''))} (details: {run.error_file})")
+    return Action.FAILED

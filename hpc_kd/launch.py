@@ -18,10 +18,11 @@ from dataclasses import replace
 
 from . import executors
 from .config import ConfigError
+from .executors import Action
 from .plan import Plan, load_plan
 from .resources import load_profile
-from .rundir import write_json
-from .status import launch_lock, read_job, stage_states, write_job
+from .rundir import SweepDir
+from .status import State, launch_lock, stage_states
 
 
 def sweep_record(plan: Plan) -> dict:
@@ -37,8 +38,8 @@ def sweep_record(plan: Plan) -> dict:
     }
 
 
-ACTIONS = {"done": "done", "inflight": "queued/running", "submit": "to run", "failed": "failed",
-           "blocked": "blocked"}
+ACTIONS = {Action.DONE: "done", Action.INFLIGHT: "queued/running", Action.SUBMIT: "to run", Action.FAILED: "failed",
+           Action.BLOCKED: "blocked"}
 
 
 def describe(plan: Plan, states=None, actions=None) -> str:
@@ -52,13 +53,13 @@ def describe(plan: Plan, states=None, actions=None) -> str:
         policy = getattr(stage, "policy", "")
         st = states[key]
         what = ACTIONS[actions[key]]
-        if actions[key] == "submit" and st.state != "missing":
+        if actions[key] is Action.SUBMIT and st.state is not State.MISSING:
             what += f" (was {st.state})"
-        elif st.state == "missing" and "checkpoint" in st.detail:
+        elif st.state is State.MISSING and "checkpoint" in st.detail:
             what += " (resumes from its checkpoint)"
-        elif actions[key] == "blocked":
-            what += f" (never runs because {executors.blocked_reason(plan, actions, key)} failed; --retry runs it again)"
-        elif st.job_id and actions[key] == "inflight":
+        elif actions[key] is Action.BLOCKED:
+            what += f" (never runs because {st.blocked_by} failed; --retry runs it again)"
+        elif st.job_id and actions[key] is Action.INFLIGHT:
             what += f" (job {st.job_id})"
         lines.append(f"  {key:<22} {label:<12} layers={stage.depth!s:<4} {policy:<10} cells={shared[key]:<3} {what}")
     return "\n".join(lines)
@@ -67,10 +68,10 @@ def describe(plan: Plan, states=None, actions=None) -> str:
 def record_states(plan: Plan, states) -> None:
     """Keep each job record's last known state (call with the launch lock held)."""
     for key, st in states.items():
-        path = plan.stages[key].run_dir(plan.root).path
-        record = read_job(path)
+        run = plan.stages[key].run_dir(plan.root)
+        record = run.job()
         if record and record.get("state") != st.state:
-            write_job(path, {**record, "state": st.state, "checked": time.strftime("%Y-%m-%d %H:%M:%S")})
+            run.write_job({**record, "state": st.state, "checked": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 def parse(argv):
@@ -117,9 +118,10 @@ def main(argv=None) -> int:
         return 0
     started = time.time()
     try:
-        with launch_lock(executors.runs_dir(plan)):
+        sweep = SweepDir(plan.root)
+        with launch_lock(sweep):
             states, actions = _look(plan, args.retry)
-            folder = plan.root / "submitit" / executors.launch_id()
+            folder = sweep.submitit / executors.launch_id()
             if args.executor == "slurm":
                 submitted = _submit(plan, actions, states, profile, folder)
                 if submitted is None:
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
         print("interrupted: finished stages are kept; a relaunch resumes the rest", file=sys.stderr)
         return 130
     if args.executor != "slurm":
-        return _finish(plan, outcome, started)
+        return _finish(plan, sum(a is Action.DONE for a in outcome.values()), len(outcome), started)
     return _after_submit(plan, actions, states, submitted, args.wait, started)
 
 
@@ -142,33 +144,33 @@ def _log(message: str) -> None:
 
 def _look(plan: Plan, retry: bool):
     """Under the lock: record the sweep, find every stage's state, decide what to run."""
-    write_json(plan.root / "sweep.json", sweep_record(plan))
+    SweepDir(plan.root).write_sweep(sweep_record(plan))
     states = stage_states(plan.root, executors.graph(plan))
     record_states(plan, states)
     actions = executors.decide(plan, states, retry)
     print(describe(plan, states, actions))
     for key, action in actions.items():
-        if action == "failed":
+        if action is Action.FAILED:
             _log(f"[failed] {key}: {states[key].detail} (pass --retry to run it again)")
     return states, actions
 
 
 def _after_submit(plan: Plan, actions, states, submitted, wait: bool, started: float) -> int:
     """SLURM: say what was queued and return, or follow the jobs to their end (``--wait``)."""
-    queued = sum(a == "inflight" for a in actions.values())
+    queued = sum(a is Action.INFLIGHT for a in actions.values())
     if not wait and (submitted or queued):
         print(f"\n{len(submitted)} stage jobs submitted, {queued} already queued or running. "
               f"Follow with: python -m hpc_kd.launch status {plan.root}")
-        return 0 if all(a in ("done", "submit", "inflight") for a in actions.values()) else 1
+        return 0 if all(a in (Action.DONE, Action.SUBMIT, Action.INFLIGHT) for a in actions.values()) else 1
     if wait:
         try:
             states = executors.follow(plan, log=_log)
         except KeyboardInterrupt:
             print(f"\nstopped following; the jobs keep running: python -m hpc_kd.launch status {plan.root}")
             return 130
-        with launch_lock(executors.runs_dir(plan)):
+        with launch_lock(SweepDir(plan.root)):
             record_states(plan, states)
-    return _finish(plan, {k: st.state for k, st in states.items()}, started)
+    return _finish(plan, sum(st.state is State.DONE for st in states.values()), len(states), started)
 
 
 def _submit(plan, actions, states, profile, folder):
@@ -181,14 +183,13 @@ def _submit(plan, actions, states, profile, folder):
         return None
 
 
-def _finish(plan, outcome: dict, started: float) -> int:
+def _finish(plan, done: int, stages: int, started: float) -> int:
     from .aggregate import aggregate
 
     print()
     print(aggregate(plan.root), end="")
-    done = sum(s == "done" for s in outcome.values())
-    print(f"\n{done}/{len(outcome)} stages done in {time.time() - started:.0f}s; table: {plan.root / 'table.md'}")
-    return 0 if done == len(outcome) else 1
+    print(f"\n{done}/{stages} stages done in {time.time() - started:.0f}s; table: {SweepDir(plan.root).table('md')}")
+    return 0 if done == stages else 1
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import Iterable, Mapping
 
-from .rundir import read_json, write_json
+from .rundir import SweepDir, sweep_dir_argument
 
-JOB_FILE = "job.json"
 #: a job the scheduler does not list yet is taken as queued for this long after its submission
 #: (sacct lags a freshly submitted job by up to a few seconds).
 GRACE_S = 120
@@ -31,39 +32,42 @@ RUNNING = {"RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "RE
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
 
 
+class TextEnum(str, Enum):
+    """An enum whose members are their text: printed, formatted and written to JSON as the
+    value, and equal to it, so records and messages read as plain words."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class State(TextEnum):
+    """Where a stage stands (see the module docstring)."""
+
+    DONE = "done"
+    RUNNING = "running"
+    PENDING = "pending"
+    FAILED = "failed"
+    BLOCKED = "blocked"
+    MISSING = "missing"
+
+
 @dataclass(frozen=True)
 class StageStatus:
     key: str
-    state: str  # done | running | pending | failed | blocked | missing
+    state: State
     job_id: str | None = None
     detail: str = ""  # failed: the reason; blocked: which input failed; missing: why
     log: str | None = None  # failed: where to look
     blocked_by: str | None = None  # the failed stage at the root of a block
 
 
-# -- job records -------------------------------------------------------------------------------
-
-
-def read_job(run_path: Path) -> dict | None:
-    path = Path(run_path) / JOB_FILE
-    try:
-        return read_json(path)
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def write_job(run_path: Path, record: dict) -> None:
-    Path(run_path).mkdir(parents=True, exist_ok=True)
-    write_json(Path(run_path) / JOB_FILE, record)
-
-
 @contextlib.contextmanager
-def launch_lock(runs_dir: Path, timeout_s: float | None = None):
-    """Exclusive lock on a runs folder while a launcher plans and submits, so that two launches
+def launch_lock(sweep: SweepDir, timeout_s: float | None = None):
+    """Exclusive lock on a sweep's runs while a launcher plans and submits, so that two launches
     of the same sweep (or of sweeps sharing stages) never submit a stage twice."""
-    runs_dir = Path(runs_dir)
-    runs_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(runs_dir.with_name(runs_dir.name + ".lock"), "a+") as f:  # <root>/runs.lock
+    runs_dir = sweep.runs
+    sweep.root.mkdir(parents=True, exist_ok=True)
+    with open(sweep.lock_file, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -134,37 +138,37 @@ def live_jobs(records: dict[str, dict]) -> dict[str, dict] | None:
 # -- states ------------------------------------------------------------------------------------
 
 
-def _job_state(record: dict | None, live: dict | None) -> tuple[str, str, str | None]:
+def _job_state(record: dict | None, live: dict | None) -> tuple[State, str, str | None]:
     """(state, detail, log) of a stage's job alone: running | pending | failed | missing."""
     if not record:
-        return "missing", "not submitted", None
+        return State.MISSING, "not submitted", None
     log = record.get("stderr")
     if record.get("executor") != "slurm":  # local and debug jobs: a process on this machine
         if _alive(record):
-            return "running", f"{record.get('executor')} job {record.get('job_id')}", log
-        return "missing", f"{record.get('executor')} run ended without a result (interrupted)", log
+            return State.RUNNING, f"{record.get('executor')} job {record.get('job_id')}", log
+        return State.MISSING, f"{record.get('executor')} run ended without a result (interrupted)", log
     jid = record.get("job_id")
     if live is None:
-        return "pending", f"job {jid}: SLURM cannot be asked (last seen {record.get('state', 'submitted')})", log
+        return State.PENDING, f"job {jid}: SLURM cannot be asked (last seen {record.get('state', 'submitted')})", log
     info = live.get(jid)
     if info is None:
         if time.time() - record.get("submitted_at", 0) < GRACE_S:
-            return "pending", f"job {jid} submitted", log
-        return "missing", f"job {jid} is unknown to SLURM (state wiped?)", log
+            return State.PENDING, f"job {jid} submitted", log
+        return State.MISSING, f"job {jid} is unknown to SLURM (state wiped?)", log
     if record.get("name") and info.get("JobName") not in (None, "", record["name"]):
-        return "missing", f"job id {jid} now belongs to another job ({info.get('JobName')})", log
+        return State.MISSING, f"job id {jid} now belongs to another job ({info.get('JobName')})", log
     state = info.get("State", "UNKNOWN")
     if state in RUNNING:
-        return "running", f"job {jid}", log
+        return State.RUNNING, f"job {jid}", log
     reason = info.get("Reason", "")
     if state in QUEUED and "NeverSatisfied" in reason:
-        return "missing", f"job {jid} can never start (an input failed)", None
+        return State.MISSING, f"job {jid} can never start (an input failed)", None
     if state in QUEUED:
-        return "pending", f"job {jid} {state.lower()}" + (f" ({reason})" if reason and reason != "None" else ""), log
+        return State.PENDING, f"job {jid} {state.lower()}" + (f" ({reason})" if reason and reason != "None" else ""), log
     if state == "CANCELLED" and reason.startswith("Dependency"):
-        return "missing", f"job {jid} was cancelled before it ran (an input failed)", None
+        return State.MISSING, f"job {jid} was cancelled before it ran (an input failed)", None
     exit_code = info.get("ExitCode", "")
-    return "failed", f"job {jid} {state}" + (f" (exit {exit_code})" if exit_code else ""), log
+    return State.FAILED, f"job {jid} {state}" + (f" (exit {exit_code})" if exit_code else ""), log
 
 
 def _alive(record: dict) -> bool:
@@ -180,13 +184,24 @@ def _alive(record: dict) -> bool:
     return b"submitit" in cmdline or b"hpc_kd" in cmdline
 
 
+def blocked_by(needs: Iterable[str], states: Mapping[str, StageStatus]) -> str | None:
+    """The one rule for "blocked": is a stage blocked, and by what. It is when one of its inputs
+    (``needs``, in order) failed or is blocked itself; what blocks it is the failed stage at the
+    root: the first such input if it failed, else what blocks that input. None: not blocked."""
+    for need in needs:
+        st = states.get(need)
+        if st is not None and st.state in (State.FAILED, State.BLOCKED):
+            return st.blocked_by or st.key
+    return None
+
+
 def stage_states(root: Path, graph: dict[str, dict], live: dict | None | bool = True) -> dict[str, StageStatus]:
     """The state of every stage. ``graph``: stage key -> {"needs": [keys], "run": folder}, in
     topological order (see :func:`ordered`). ``live``: True asks the scheduler about the jobs on
     record; a dict is its answer, already known (None: it could not be asked)."""
-    root = Path(root)
-    runs = {k: root / info.get("run", f"runs/{k}") for k, info in graph.items()}
-    records = {k: read_job(path) for k, path in runs.items() if not (path / "result.json").is_file()}
+    sweep = SweepDir(root)
+    runs = {k: sweep.run(k, info) for k, info in graph.items()}
+    records = {k: run.job() for k, run in runs.items() if not run.done()}
     records = {k: r for k, r in records.items() if r}
     if live is True:
         live = live_jobs(records)
@@ -194,38 +209,30 @@ def stage_states(root: Path, graph: dict[str, dict], live: dict | None | bool = 
     for key, info in graph.items():
         run, record = runs[key], records.get(key)
         jid = record.get("job_id") if record else None
-        if (run / "result.json").is_file():
-            out[key] = StageStatus(key, "done", jid)
+        if run.done():
+            out[key] = StageStatus(key, State.DONE, jid)
             continue
-        bad = [out[n] for n in info.get("needs", []) if n in out and out[n].state in ("failed", "blocked")]
-        if (run / "error.json").is_file():
-            error = _read_error(run / "error.json")
+        cause = blocked_by(info.get("needs", []), out)
+        if run.failed():
+            error = run.error()
             log = error.get("log") or (record or {}).get("stderr")
-            out[key] = StageStatus(key, "failed", jid, error.get("error", "failed"), log)
+            out[key] = StageStatus(key, State.FAILED, jid, error.get("error", "failed"), log)
             continue
         state, detail, log = _job_state(record, live)
-        if state == "failed" and (run / "result.json").is_file():  # it finished since we looked
-            out[key] = StageStatus(key, "done", jid)
-        elif bad:
-            root_cause = bad[0].blocked_by or bad[0].key
-            out[key] = StageStatus(key, "blocked", jid, f"never ran because {root_cause} failed", None, root_cause)
-        elif state == "missing" and (run / "checkpoint.pt").is_file():
-            out[key] = StageStatus(key, "missing", jid, f"{detail}; resumes from its checkpoint", log)
+        if state is State.FAILED and run.done():  # it finished since we looked
+            out[key] = StageStatus(key, State.DONE, jid)
+        elif cause is not None:
+            out[key] = StageStatus(key, State.BLOCKED, jid, f"never ran because {cause} failed", None, cause)
+        elif state is State.MISSING and run.checkpoint.is_file():
+            out[key] = StageStatus(key, State.MISSING, jid, f"{detail}; resumes from its checkpoint", log)
         else:
-            out[key] = StageStatus(key, state, jid, detail, log if state == "failed" else None)
+            out[key] = StageStatus(key, state, jid, detail, log if state is State.FAILED else None)
     return out
-
-
-def _read_error(path: Path) -> dict:
-    try:
-        return read_json(path)
-    except ValueError:
-        return {"error": "failed (error.json unreadable)"}
 
 
 def sweep_graph(root: Path) -> dict[str, dict]:
     """``sweep.json``'s stages in topological order (its ``order``; JSON objects keep none)."""
-    return ordered(read_json(Path(root) / "sweep.json"))
+    return ordered(SweepDir(root).read_sweep())
 
 
 def ordered(sweep: dict) -> dict[str, dict]:
@@ -247,8 +254,7 @@ def sweep_states(root: Path, live: dict | None | bool = True) -> dict[str, Stage
 
 
 def counts(states: dict[str, StageStatus]) -> str:
-    order = ("done", "running", "pending", "failed", "blocked", "missing")
-    tally = {s: sum(st.state == s for st in states.values()) for s in order}
+    tally = {s: sum(st.state is s for st in states.values()) for s in State}
     return ", ".join(f"{n} {s}" for s, n in tally.items() if n)
 
 
@@ -265,27 +271,25 @@ def report(root: Path, states: dict[str, StageStatus]) -> str:
     for key, st in states.items():
         info = graph[key]
         label = info.get("role", "") + (f" {info['layers']}L" if info.get("layers") else "")
-        if st.state == "blocked":
+        if st.state is State.BLOCKED:
             state, detail = f"blocked (never ran because {st.blocked_by} failed)", ""
         else:
             state, detail = st.state, first_line(st.detail)
-        job = f"job {st.job_id}" if st.job_id and st.job_id not in detail and st.state != "blocked" else ""
+        job = f"job {st.job_id}" if st.job_id and st.job_id not in detail and st.state is not State.BLOCKED else ""
         lines.append(f"  {key:<22} {label:<12} {state:<8} {job:<10} {detail}".rstrip())
     for st in states.values():
-        if st.state == "failed":
+        if st.state is State.FAILED:
             lines.append(f"\n{st.key} failed: {st.detail.strip()}")
             if st.log:
                 lines.append(f"  log: {st.log}")
-            lines.append(f"  folder: {Path(root) / graph[st.key].get('run', f'runs/{st.key}')}")
-    blocked = sum(st.state == "blocked" for st in states.values())
-    if any(st.state == "failed" for st in states.values()):
+            lines.append(f"  folder: {SweepDir(root).run(st.key, graph[st.key]).path}")
+    blocked = sum(st.state is State.BLOCKED for st in states.values())
+    if any(st.state is State.FAILED for st in states.values()):
         lines.append(f"\nrelaunch with --retry to run the failed stages{' and the ' + str(blocked) + ' they blocked' if blocked else ''} again")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    from .aggregate import sweep_dir_argument
-
     root = sweep_dir_argument("python -m hpc_kd.launch status", "Show where every stage of a launched sweep stands.", argv)
     if root is None:
         return 2
