@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny random-initialised BERT (hidden 32) with a small word-level vocabulary
-built from the embedded sentences, so the whole suite trains real models in seconds."""
+built from the embedded sentences, so the whole suite trains real models in seconds; the plan of
+a tiny experiment (:func:`make_plan`) and the one way tests run a plan here (:func:`run_plan`);
+snapshots (:func:`assert_snapshot`)."""
 from __future__ import annotations
 
 import collections
@@ -14,6 +16,10 @@ os.environ.setdefault("HPC_KD_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TINY_LAYERS = 4
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+#: set to 1 to write the snapshots the tests produce (new ones, or a deliberate change: review
+#: the diff and commit it)
+UPDATE_SNAPSHOTS = "HPC_KD_UPDATE_SNAPSHOTS"
 
 
 def build_tiny_model(path: Path, layers: int = TINY_LAYERS) -> Path:
@@ -76,6 +82,38 @@ def tiny_config(tiny_model: Path, root: Path, **sections) -> dict:
     return cfg
 
 
+def plan_of(cfg: dict):
+    """The plan of one experiment given as plain data (no grid)."""
+    from hpc_kd.config import ExperimentConfig, from_dict
+    from hpc_kd.plan import build_plan
+
+    return build_plan([({}, from_dict(ExperimentConfig, cfg))])
+
+
+def make_plan(tiny_model: Path, root: Path, **sections):
+    """The plan of one tiny experiment (:func:`tiny_config` with ``sections``)."""
+    return plan_of(tiny_config(tiny_model, root, **sections))
+
+
+def run_plan(plan, on_step=None, only=None) -> dict:
+    """Run ``plan``'s stages (those in ``only``, default all) in order in this process, each with
+    the step hook ``on_step``; return stage key -> result."""
+    return {key: stage(plan.root, plan.run, on_step=on_step) for key, stage in plan.stages.items()
+            if only is None or key in only}
+
+
+def assert_snapshot(name: str, text: str) -> None:
+    """``text`` must equal ``tests/snapshots/<name>``. With HPC_KD_UPDATE_SNAPSHOTS=1 the file is
+    written first (a new snapshot, or a deliberate change to accept), so review the diff and commit
+    it; without it, a missing snapshot fails."""
+    path = SNAPSHOTS / name
+    if os.environ.get(UPDATE_SNAPSHOTS) == "1":
+        path.write_text(text)
+    if not path.exists():
+        pytest.fail(f"snapshot {path} is missing: write it with {UPDATE_SNAPSHOTS}=1, review it and commit it")
+    assert text == path.read_text(), f"{name} differs from its snapshot ({UPDATE_SNAPSHOTS}=1 accepts the change)"
+
+
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path
@@ -93,12 +131,8 @@ class Killed(Exception):
 def interrupt_and_resume(plan, key: str, at_step: int) -> dict:
     """Run the stages ``key`` needs, kill ``key`` right after optimiser step ``at_step``, check
     it left a checkpoint and no result, resume it, and return the resumed result."""
-    import pytest
-
-    for other, stage in plan.stages.items():
-        if other == key:
-            break
-        stage(plan.root, plan.run)
+    keys = list(plan.stages)
+    run_plan(plan, only=keys[: keys.index(key)])
 
     def kill(trainer, record):
         if trainer.p.step == at_step:

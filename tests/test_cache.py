@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from hpc_kd.cache import CacheError, LogitCache, finalize, producer, write_cache, write_rank
-from hpc_kd.config import DataConfig, ExperimentConfig, RunConfig, from_dict
+from hpc_kd.config import DataConfig, RunConfig
 from hpc_kd.data import Dataset
 from hpc_kd.models import load_classifier, load_pretrained, load_tokenizer, save_model
-from hpc_kd.plan import build_plan
 
-from .conftest import interrupt_and_resume, strip_times, tiny_config
+from .conftest import interrupt_and_resume, make_plan, run_plan, strip_times
 
 DATA = DataConfig(max_train_examples=96, max_eval_examples=48, max_length=24)
 
@@ -159,13 +158,6 @@ def test_two_ranks_write_one_manifest_equal_to_one_rank(setup):
 
 # ---- stages: equivalence of cached and live targets, rebuild of a damaged cache ---------------
 
-def run_plan(tiny_model, root, **sections):
-    cfg = from_dict(ExperimentConfig, tiny_config(tiny_model, root, **sections))
-    plan = build_plan([({}, cfg)])
-    results = {key: stage(plan.root, plan.run) for key, stage in plan.stages.items()}
-    return plan, results
-
-
 def losses_of(plan, key):
     return [m["loss"] for m in plan.stages[key].run_dir(plan.root).metrics() if m["type"] == "train"]
 
@@ -179,8 +171,9 @@ def students(plan):
     {"policy": "min_loss", "tutor_update": "frozen"},   # TEID with a frozen tutor
 ])
 def test_cached_targets_match_live_targets(tiny_model, tmp_path, distill):
-    cached, rc = run_plan(tiny_model, tmp_path / "c", distill={**distill, "targets": "cache"})
-    live, rl = run_plan(tiny_model, tmp_path / "l", distill={**distill, "targets": "live"})
+    cached = make_plan(tiny_model, tmp_path / "c", distill={**distill, "targets": "cache"})
+    live = make_plan(tiny_model, tmp_path / "l", distill={**distill, "targets": "live"})
+    rc, rl = run_plan(cached), run_plan(live)
     assert any(s.kind == "cache" for s in cached.stages.values())
     assert not any(s.kind == "cache" for s in live.stages.values())
     (kc,), (kl,) = students(cached), students(live)
@@ -195,7 +188,8 @@ def test_cached_targets_match_live_targets(tiny_model, tmp_path, distill):
 
 
 def test_damaged_cache_is_rebuilt_by_its_producer(tiny_model, tmp_path):
-    plan, _ = run_plan(tiny_model, tmp_path, distill={"policy": "teacher"})
+    plan = make_plan(tiny_model, tmp_path, distill={"policy": "teacher"})
+    run_plan(plan)
     cache = next(s for s in plan.stages.values() if s.kind == "cache")
     manifest = json.loads((cache.folder(plan.root) / "manifest.json").read_text())
     corrupt_flip(cache.folder(plan.root), manifest)
@@ -206,12 +200,12 @@ def test_damaged_cache_is_rebuilt_by_its_producer(tiny_model, tmp_path):
 
 def test_refresh_mode_rebuilds_the_tutor_cache_each_epoch_and_resumes(tiny_model, tmp_path):
     sections = {"distill": {"policy": "min_loss", "tutor_update": "refresh"}}
-    plan, results = run_plan(tiny_model, tmp_path / "a", **sections)
+    plan = make_plan(tiny_model, tmp_path / "a", **sections)
+    results = run_plan(plan)
     (key,) = students(plan)
     run = plan.stages[key].run_dir(plan.root)
     assert sorted(p.name for p in (run.path / "tutor_cache").iterdir()) == ["epoch-001"]  # only the current one kept
     assert (run.path / "tutor" / "model.safetensors").is_file()
     # interrupted mid-epoch 2 and resumed: identical to the uninterrupted run
-    cfg = from_dict(ExperimentConfig, tiny_config(tiny_model, tmp_path / "b", **sections))
-    plan_b = build_plan([({}, cfg)])
+    plan_b = make_plan(tiny_model, tmp_path / "b", **sections)
     assert strip_times(interrupt_and_resume(plan_b, key, 9)) == strip_times(results[key])

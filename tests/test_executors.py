@@ -2,7 +2,6 @@
 sbatch script a 2-node x 4-GPU stage gets), the local executor running a sweep two stages at a
 time, failures and the stages they block, scheduler states, and the launch lock."""
 import json
-import os
 import re
 import threading
 import time
@@ -15,10 +14,9 @@ from hpc_kd.config import ConfigError
 from hpc_kd.executors import sbatch_script
 from hpc_kd.resources import Resources, load_profile, submitit_parameters
 
-from .conftest import tiny_config, write_yaml
+from .conftest import assert_snapshot, tiny_config, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SNAPSHOTS = Path(__file__).parent / "snapshots"
 CLUSTER = Resources(partition="gpu", account="lab", qos="high", nodes=2, tasks_per_node=4, gpus_per_node=4,
                     cpus_per_task=8, mem_gb=256, time_min=720, constraint="a100",
                     setup=("module load cuda/12.1", "source /opt/venv/bin/activate"))
@@ -88,13 +86,10 @@ def test_parameters_are_valid_for_submitit():
 
 def test_sbatch_script_snapshot():
     """The sbatch script of a 2-node x 4-GPU stage that waits for two jobs. To accept a
-    deliberate change: UPDATE_SNAPSHOTS=1 python -m pytest tests/test_executors.py."""
+    deliberate change: HPC_KD_UPDATE_SNAPSHOTS=1 python -m pytest tests/test_executors.py."""
     text = sbatch_script(CLUSTER, "/shared/results/demo/submitit/20250101-000000-abc123", "hpckd-finetune-abc123",
                          ["1234", "1235_2"], python="/opt/venv/bin/python")
-    snapshot = SNAPSHOTS / "sbatch_2nodes_4gpus.sh"
-    if os.environ.get("UPDATE_SNAPSHOTS"):
-        snapshot.write_text(text)
-    assert text == snapshot.read_text()
+    assert_snapshot("sbatch_2nodes_4gpus.sh", text)
 
 
 def test_bad_profile_exits_2_and_submits_nothing(tiny_model, tmp_path, capsys):

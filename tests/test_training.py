@@ -7,25 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from hpc_kd.config import ExperimentConfig, from_dict
-from hpc_kd.plan import build_plan
 from hpc_kd.stages import ModelRef
 
 from hpc_kd.rundir import RunDir
 
-from .conftest import interrupt_and_resume, strip_times, tiny_config
-
-
-def make_plan(tiny_model, root, **sections):
-    cfg = from_dict(ExperimentConfig, tiny_config(tiny_model, root, **sections))
-    return build_plan([({}, cfg)])
-
-
-def run_all(plan, on_step=None):
-    results = {}
-    for key, stage in plan.stages.items():
-        results[key] = stage(plan.root, plan.run, on_step=on_step)
-    return results
+from .conftest import interrupt_and_resume, make_plan, run_plan, strip_times
 
 
 def params_hash(model) -> str:
@@ -50,16 +36,12 @@ def teid_run(tiny_model, tmp_path_factory):
         steps.append({**record, "tutor_changed": now != state.get("last", state.setdefault("first", None))})
         state["last"] = now
 
-    def first_hash_then_hook(trainer, record):
-        hook(trainer, record)
-
     # Record the tutor's parameters before the TEID student's first step.
-    student_key = list(plan.stages)[-1]
-    for key, stage in plan.stages.items():
-        if key == student_key:
-            from hpc_kd.models import load_classifier
-            state["last"] = params_hash(load_classifier(stage.tutor.path(plan.root)))
-        stage(plan.root, plan.run, on_step=first_hash_then_hook if key == student_key else None)
+    *upstream, student_key = plan.stages
+    run_plan(plan, only=upstream)
+    from hpc_kd.models import load_classifier
+    state["last"] = params_hash(load_classifier(plan.stages[student_key].tutor.path(plan.root)))
+    run_plan(plan, on_step=hook, only=[student_key])
     return plan, steps
 
 
@@ -125,7 +107,7 @@ def test_resume_after_interruption_gives_identical_metrics(tiny_model, tmp_path,
     """Kill the student mid-epoch (after step 7 of 12, last checkpoint at step 6), resume, compare."""
     sections = {"distill": {"policy": policy}}
     ref_plan = make_plan(tiny_model, tmp_path / "ref", **sections)
-    reference = run_all(ref_plan)
+    reference = run_plan(ref_plan)
 
     plan = make_plan(tiny_model, tmp_path / "resumed", **sections)
     student_key = list(plan.stages)[-1]
@@ -138,8 +120,8 @@ def test_resume_after_interruption_gives_identical_metrics(tiny_model, tmp_path,
 
 
 def test_same_config_and_seed_give_the_same_metrics(tiny_model, tmp_path):
-    a = run_all(make_plan(tiny_model, tmp_path / "a", distill={"policy": "teacher"}))
-    b = run_all(make_plan(tiny_model, tmp_path / "b", distill={"policy": "teacher"}))
+    a = run_plan(make_plan(tiny_model, tmp_path / "a", distill={"policy": "teacher"}))
+    b = run_plan(make_plan(tiny_model, tmp_path / "b", distill={"policy": "teacher"}))
     assert [strip_times(r) for r in a.values()] == [strip_times(r) for r in b.values()]
     # another student seed reuses the teacher and tutor (their own seeds) but is another run
     c = make_plan(tiny_model, tmp_path / "c", distill={"policy": "teacher"}, seed=1)
@@ -201,7 +183,7 @@ def test_checkpoint_holds_no_pickled_objects(tiny_model, tmp_path):
 def test_every_policy_trains_and_reports_shares(tiny_model, tmp_path, policy):
     plan = make_plan(tiny_model, tmp_path, student={"train": {"lr": 1e-3, "batch_size": 16, "epochs": 1}},
                      distill={"policy": policy, "tutor_update": "frozen", "bandit_probe": 16})
-    results = run_all(plan)
+    results = run_plan(plan)
     student = results[list(plan.stages)[-1]]
     sel = student["selection"]
     assert 0.0 <= sel["teacher_share"] <= 1.0
@@ -216,7 +198,7 @@ def test_every_policy_trains_and_reports_shares(tiny_model, tmp_path, policy):
 def test_stateful_policies_resume_identically(tiny_model, tmp_path, policy):
     sections = {"distill": {"policy": policy, "bandit_probe": 16}}
     ref_plan = make_plan(tiny_model, tmp_path / "ref", **sections)
-    reference = run_all(ref_plan)
+    reference = run_plan(ref_plan)
     plan = make_plan(tiny_model, tmp_path / "resumed", **sections)
     student_key = list(plan.stages)[-1]
     states = []
@@ -241,7 +223,7 @@ def test_students_can_start_from_the_pretrained_encoder(tiny_model, tmp_path):
                                                     "train": {"lr": 1e-3, "batch_size": 16, "epochs": 1}})
     student = list(plan.stages.values())[-1]
     assert student.init_from == str(tiny_model)
-    result = run_all(plan)[student.key]
+    result = run_plan(plan)[student.key]
     assert result["layers"] == 2
 
 
@@ -250,9 +232,9 @@ def tutor_steps(tiny_model, root, policy: str, **distill) -> tuple[list[dict], o
     plan = make_plan(tiny_model, root, distill={"policy": policy, **distill},
                      tutor={"train": {"lr": 1e-3, "batch_size": 16, "epochs": 2, "warmup_ratio": 0.5}})
     records = []
-    student_key = list(plan.stages)[-1]
-    for key, stage in plan.stages.items():
-        stage(plan.root, plan.run, on_step=(lambda t, r: records.append(r)) if key == student_key else None)
+    *upstream, student_key = plan.stages
+    run_plan(plan, only=upstream)
+    run_plan(plan, on_step=lambda t, r: records.append(r), only=[student_key])
     return records, plan.stages[student_key]
 
 
