@@ -16,12 +16,12 @@ node get different ports unless their ids differ by a multiple of 12,000, and ev
 below Linux's ephemeral range (32768+), where outgoing connections take theirs. An explicit
 ``MASTER_PORT`` wins.
 
-``python -m hpc_kd.distributed SWEEP.yaml [key=value ...] [--stage KEY ...]`` runs a sweep's
-missing stages in order on every rank of a ``torchrun`` (or ``srun``) launch.
+:func:`run_plan` runs a plan's stages in order on every rank; ``python -m hpc_kd.launch run
+SWEEP.yaml [key=value ...] [--stage KEY ...]`` is its command line (``python -m
+hpc_kd.distributed``, the old name of that command, still works but is deprecated).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import re
@@ -136,7 +136,7 @@ def torchrun_command(nodes: int, procs_per_node: int, master_addr: str, port: in
     return ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
             python, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc-per-node={procs_per_node}",
             "--rdzv-backend=c10d", f"--rdzv-endpoint={master_addr}:{port}", f"--rdzv-id={job_id}",
-            "-m", "hpc_kd.distributed", sweep]
+            "-m", "hpc_kd.launch", "run", sweep]
 
 
 # -- the process group ----------------------------------------------------------------------
@@ -305,7 +305,7 @@ def finish_run(run: RunDir) -> None:
 
     barrier()
     if current().is_main:
-        shutil.rmtree(run.path / "deepspeed", ignore_errors=True)
+        shutil.rmtree(run.deepspeed, ignore_errors=True)
     barrier()
 
 
@@ -324,7 +324,9 @@ def run_stage(stage, root, run_cfg, on_step=None):
 
 
 def run_plan(plan, keys=None, on_step=None, log=print) -> dict:
-    """Every stage of ``plan`` (or those in ``keys``), in order, on every rank of the group."""
+    """Every stage of ``plan`` (or those in ``keys``), in order, on every rank of the group.
+    ``plan``: anything with ``stages`` (key -> stage, in topological order), ``root`` and ``run``
+    (:class:`hpc_kd.plan.Plan`, which this module does not import)."""
     results, main = {}, current().is_main
     for key, stage in plan.stages.items():
         if keys is not None and key not in keys:
@@ -335,32 +337,6 @@ def run_plan(plan, keys=None, on_step=None, log=print) -> dict:
     return results
 
 
-def run_sweep(path: str, overrides: list[str] = (), keys=None, on_step=None) -> dict:
-    """Load a sweep and run it on every rank of this job (torchrun, srun or submitit tasks)."""
-    from .plan import load_plan
-
-    plan = load_plan(path, list(overrides))
-    world = detect()
-    with session(world, device_for(world, plan.run.device)):
-        return run_plan(plan, keys, on_step)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
-
-    parser = argparse.ArgumentParser(prog="python -m hpc_kd.distributed", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep")
-    parser.add_argument("overrides", nargs="*", help="key.path=value")
-    parser.add_argument("--stage", action="append", default=None, help="run only this stage key (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        run_sweep(args.sweep, args.overrides, args.stage)
-    except ConfigError as err:
-        if detect().is_main:
-            print(f"config error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # deprecated: python -m hpc_kd.launch run
+    from hpc_kd.launch import run_main
+    sys.exit(run_main(prog="python -m hpc_kd.distributed"))

@@ -1,5 +1,6 @@
 """``python -m hpc_kd.launch SWEEP.yaml [key=value ...] [--executor slurm|local|debug] [--profile P]
-[--jobs N] [--wait] [--retry] [--dry-run]`` and ``python -m hpc_kd.launch status results/<sweep>``.
+[--jobs N] [--wait] [--retry] [--dry-run]``, ``python -m hpc_kd.launch status results/<sweep>`` and
+``python -m hpc_kd.launch run SWEEP.yaml [key=value ...] [--stage KEY ...]``.
 
 Loads and validates the sweep and the cluster profile (any error: one line, exit status 2,
 nothing submitted), expands it into the deduplicated stage graph and starts what is missing:
@@ -7,6 +8,10 @@ nothing submitted), expands it into the deduplicated stage graph and starts what
 follows the jobs); ``local`` runs them here in dependency order, ``--jobs`` at a time; ``debug``
 runs them in this process. When everything has ended, prints the results table (also written to
 ``<output_root>/<name>/table.{md,csv,parquet}``).
+
+``status`` shows where every stage of a launched sweep stands (:mod:`hpc_kd.status`). ``run`` is
+what every rank of a ``torchrun`` / ``srun`` job started by hand calls: it runs the sweep's missing
+stages in order, all ranks together (:func:`hpc_kd.distributed.run_plan`).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import replace
 
-from . import executors
+from . import distributed, executors
 from .config import ConfigError
 from .executors import Action
 from .plan import Plan, load_plan
@@ -76,7 +81,9 @@ def record_states(plan: Plan, states) -> None:
 
 def parse(argv):
     parser = argparse.ArgumentParser(prog="python -m hpc_kd.launch", description=__doc__.splitlines()[0],
-                                     epilog="python -m hpc_kd.launch status results/<sweep>: where every stage stands")
+                                     epilog="python -m hpc_kd.launch status results/<sweep>: where every stage stands; "
+                                            "python -m hpc_kd.launch run SWEEP.yaml: run it on every rank of a "
+                                            "torchrun/srun job")
     parser.add_argument("sweep", help="sweep YAML file")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. distill.tau=2")
     parser.add_argument("--executor", choices=["slurm", "local", "debug"], default="local",
@@ -99,6 +106,8 @@ def main(argv=None) -> int:
         from .status import main as status_main
 
         return status_main(argv[1:])
+    if argv[:1] == ["run"]:
+        return run_main(argv[1:])
     args = parse(argv)
     try:
         plan = load_plan(args.sweep, args.overrides)
@@ -190,6 +199,35 @@ def _finish(plan, done: int, stages: int, started: float) -> int:
     print(aggregate(plan.root), end="")
     print(f"\n{done}/{stages} stages done in {time.time() - started:.0f}s; table: {SweepDir(plan.root).table('md')}")
     return 0 if done == stages else 1
+
+
+# -- run: on every rank of a job started by hand ---------------------------------------------
+
+
+def run_sweep(path: str, overrides: list[str] = (), keys=None, on_step=None) -> dict:
+    """Load a sweep and run its stages (those in ``keys``, default all) in order on every rank of
+    this job (torchrun, srun or submitit tasks): finished ones are skipped, an interrupted one
+    resumes."""
+    plan = load_plan(path, list(overrides))
+    world = distributed.detect()
+    with distributed.session(world, distributed.device_for(world, plan.run.device)):
+        return distributed.run_plan(plan, keys, on_step)
+
+
+def run_main(argv=None, prog: str = "python -m hpc_kd.launch run") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="Run the sweep's missing stages in order on every "
+                                                            "rank of this torchrun/srun job.")
+    parser.add_argument("sweep", help="sweep YAML file")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. distill.tau=2")
+    parser.add_argument("--stage", action="append", default=None, help="run only this stage key (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        run_sweep(args.sweep, args.overrides, args.stage)
+    except ConfigError as err:
+        if distributed.detect().is_main:
+            print(f"config error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

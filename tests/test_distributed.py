@@ -28,12 +28,12 @@ import torch
 from hpc_kd import distributed
 from hpc_kd.config import ConfigError, DeepSpeedConfig, ExperimentConfig, TrainConfig, from_dict
 from hpc_kd.distributed import World, detect, device_for, master_port, parse_nodelist, torchrun_command
-from hpc_kd.plan import build_plan, load_plan
+from hpc_kd.plan import load_plan
+from hpc_kd.policies import POLICIES
 
-from .conftest import require_slurm, tiny_config, write_yaml
+from .conftest import assert_snapshot, plan_of, require_slurm, run_plan, tiny_config, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SNAPSHOTS = Path(__file__).parent / "snapshots"
 TOL = 1e-5
 LAUNCH_TIMEOUT = 900
 
@@ -100,10 +100,37 @@ def test_launch_of_a_2_node_4_gpu_job_snapshot():
         "deepspeed_config": ds_config(train, train.deepspeed, 8),
         "by_hand": torchrun_command(2, 4, "gpu017", master_port(4242), "4242", "jobs/sst2_paper.yaml"),
     }, indent=2, sort_keys=True) + "\n"
-    snapshot = SNAPSHOTS / "distributed_2nodes_4gpus.json"
-    if not snapshot.exists():  # first run writes it; review and commit it
-        snapshot.write_text(text)
-    assert text == snapshot.read_text()
+    assert_snapshot("distributed_2nodes_4gpus.json", text)
+
+
+# -- the run command --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["hpc_kd.launch", "run"], ["hpc_kd.distributed"]], ids=["launch-run", "old-name"])
+def test_run_command_refuses_a_bad_config(tiny_model, tmp_path, command):
+    """``python -m hpc_kd.launch run`` (and its deprecated old name, ``python -m hpc_kd.distributed``)
+    checks the sweep before anything starts: a bad value exits 2 with one line naming the key."""
+    sweep = write_yaml(tmp_path / "s.yaml", tiny_config(tiny_model, tmp_path / "out"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HPC_KD_NO_PROGRESS": "1"}
+    out = subprocess.run([sys.executable, "-m", *command, str(sweep), "distill.policy=nope"], capture_output=True,
+                         text=True, timeout=300, env=env, cwd=REPO)
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("config error")]
+    assert errors == ["config error: distill.policy: unknown policy 'nope'; allowed: " + ", ".join(POLICIES)]
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_command_runs_the_stages_asked_for(tiny_model, tmp_path, capsys):
+    """One process is a job of one rank: ``run --stage KEY`` runs that stage and nothing else."""
+    from hpc_kd import launch
+
+    sweep = write_yaml(tmp_path / "s.yaml", tiny_config(tiny_model, tmp_path / "out"))
+    plan = load_plan(sweep)
+    teacher = next(iter(plan.stages))
+    assert launch.main(["run", str(sweep), "--stage", teacher]) == 0
+    assert [k for k, s in plan.stages.items() if s.run_dir(plan.root).done()] == [teacher]
+    assert f"[run] {teacher} (teacher) on 1 rank(s)" in capsys.readouterr().out
+    assert not distributed.active()
 
 
 # -- the deepspeed section ----------------------------------------------------------------------
@@ -127,7 +154,7 @@ def test_deepspeed_errors_name_the_key(tiny_model, tmp_path, section, message):
 def test_how_a_stage_runs_is_not_what_it_computes(tiny_model, tmp_path):
     def keys(**train):
         cfg = tiny_config(tiny_model, tmp_path, teacher={"train": {"lr": 1e-3, "batch_size": 16, "epochs": 2, **train}})
-        return list(build_plan([({}, from_dict(ExperimentConfig, cfg))]).stages)
+        return list(plan_of(cfg).stages)
 
     plain = keys()
     assert keys(deepspeed={"zero_stage": 3, "gradient_accumulation": 4, "offload_optimizer": "cpu"}) == plain
@@ -171,17 +198,12 @@ def chain_config(model: Path, root: Path, deepspeed: dict | None = None) -> dict
     return cfg
 
 
-def run_here(cfg: dict):
-    plan = build_plan([({}, from_dict(ExperimentConfig, cfg))])
-    for stage in plan.stages.values():
-        stage(plan.root, plan.run)
-    return plan
-
-
 @pytest.fixture(scope="module")
 def reference(quiet_model, tmp_path_factory):
     """The chain in this process, without DeepSpeed: the numbers every rank count must give."""
-    return run_here(chain_config(quiet_model, tmp_path_factory.mktemp("reference")))
+    plan = plan_of(chain_config(quiet_model, tmp_path_factory.mktemp("reference")))
+    run_plan(plan)
+    return plan
 
 
 ZERO = {"zero0": {"zero_stage": 0}, "zero1": {"zero_stage": 1}, "zero2": {"zero_stage": 2},
@@ -319,7 +341,7 @@ def test_a_resumed_two_rank_run_equals_the_uninterrupted_one(launched):
 def test_one_rank_under_deepspeed_is_the_plain_loop(quiet_model, reference, tmp_path):
     """A ``deepspeed`` section on one process (a private process group, no port): the teacher's
     numbers are the plain loop's."""
-    plan = build_plan([({}, from_dict(ExperimentConfig, chain_config(quiet_model, tmp_path, {"zero_stage": 2})))])
+    plan = plan_of(chain_config(quiet_model, tmp_path, {"zero_stage": 2}))
     key, teacher = next(iter(plan.stages.items()))
     result = teacher(plan.root, plan.run)
     ref = reference.stages[key].run_dir(reference.root)
@@ -339,11 +361,13 @@ def test_two_tasks_of_a_slurm_job_give_the_one_process_numbers(reference, quiet_
     require_slurm()
     import submitit
 
+    from hpc_kd.launch import run_sweep
+
     sweep = write_yaml(tmp_path / "sweep.yaml", chain_config(quiet_model, tmp_path / "out", {"zero_stage": 2}))
     executor = submitit.SlurmExecutor(folder=tmp_path / "submitit")
     executor.update_parameters(partition="debug", nodes=1, ntasks_per_node=2, cpus_per_task=1, time=30,
                                job_name="hpckd-test-distributed")
-    job = executor.submit(distributed.run_sweep, str(sweep))
+    job = executor.submit(run_sweep, str(sweep))
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     try:
         while not job.done():
@@ -412,7 +436,8 @@ def test_mixed_precision_on_one_rank_trains_the_chain_close_to_fp32(quiet_model,
         with pytest.raises(ConfigError, match=f"deepspeed.precision: {precision} is not supported on this machine's"):
             _check_precision(DeepSpeedConfig(precision=precision))
         return
-    plan = run_here(chain_config(quiet_model, tmp_path, {"zero_stage": 2, "precision": precision}))
+    plan = plan_of(chain_config(quiet_model, tmp_path, {"zero_stage": 2, "precision": precision}))
+    run_plan(plan)
     ref_by_kind = {}
     for key, stage in reference.stages.items():
         ref_by_kind.setdefault(type(stage).__name__, []).append(stage.run_dir(reference.root))
