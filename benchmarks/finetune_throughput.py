@@ -184,7 +184,7 @@ def run_hf(setup: Setup, device: str, same_batches: bool) -> tuple[float, float 
     targs = TrainingArguments(
         output_dir=tempfile.mkdtemp(prefix="hpc_kd_bench_hf_"), per_device_train_batch_size=args.batch_size,
         learning_rate=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=int(cfg.warmup_ratio * len(setup.batches)),
-        max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="linear", optim="adamw_torch",
+        max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="linear", optim="adamw_torch_fused",  # hpc_kd.loop.adamw is fused too
         max_steps=args.warmup + args.steps, num_train_epochs=1, seed=0, data_seed=0,
         bf16=args.precision == "bf16", fp16=args.precision == "fp16", use_cpu=not device.startswith("cuda"),
         save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[], disable_tqdm=True,

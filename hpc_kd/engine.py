@@ -31,7 +31,7 @@ import torch
 from . import distributed
 from .config import ConfigError, DeepSpeedConfig, TrainConfig
 from .distributed import partitioned
-from .loop import Progress, Trainer, linear_schedule, param_groups, set_rate
+from .loop import Progress, Trainer, adamw, linear_schedule, set_rate
 from .models import save_model
 from .step import Micro
 
@@ -85,7 +85,7 @@ class EngineTrainee:
         self.schedule = schedule = linear_schedule(cfg, total_steps)
         self.last_rate: float | None = None
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr),
+            model=model, optimizer=adamw(model, cfg),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
             config=ds_config(cfg, ds, world_size))
         self.cfg, self.ds, self.module = cfg, ds, model
