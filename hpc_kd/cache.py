@@ -166,6 +166,41 @@ def write_cache(folder: Path, model, encoded, prod: dict, num_labels: int, **kw)
     return distributed.broadcast(manifest)
 
 
+def _checked_shards(folder: Path, expected: dict) -> tuple[dict, list]:
+    """The manifest and its shards' tables, each checked against the manifest (schema, producer,
+    checksum, rows, id range); raises CacheError, or KeyError / ValueError / TypeError for a
+    manifest that does not have the shape this code writes."""
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise CacheError(f"{folder}: no manifest.json (cache incomplete)")
+    manifest = read_json(manifest_path)
+    if not isinstance(manifest, dict):
+        raise TypeError(f"the manifest is a {type(manifest).__name__}, not a mapping")
+    if manifest.get("schema") != CACHE_SCHEMA:
+        raise CacheError(f"{folder}: cache schema {manifest.get('schema')} is not {CACHE_SCHEMA}")
+    for key, want in expected.items():
+        got = manifest["producer"].get(key)
+        if got != want:
+            raise CacheError(f"{folder}: produced with a different {key} ({got!r}, training uses {want!r})")
+    tables = []
+    for shard in manifest["shards"]:
+        path = folder / shard["file"]
+        if not path.is_file():
+            raise CacheError(f"{folder}: shard {shard['file']} is missing")
+        if file_sha256(path) != shard["sha256"]:
+            raise CacheError(f"{folder}: shard {shard['file']} fails its checksum (corrupt or truncated)")
+        table = _read_shard(path)
+        if table.num_rows != shard["rows"]:
+            raise CacheError(f"{folder}: shard {shard['file']} holds {table.num_rows} rows, manifest says {shard['rows']}")
+        ids = table.column("example_id").to_numpy()
+        if len(ids) and (int(ids[0]), int(ids[-1])) != (int(shard["min_id"]), int(shard["max_id"])):
+            raise CacheError(f"{folder}: shard {shard['file']} holds ids {ids[0]}..{ids[-1]}, manifest says "
+                             f"{shard['min_id']}..{shard['max_id']}")
+        tables.append(table)
+    int(manifest["num_labels"]), int(manifest["total_rows"])  # present and numbers
+    return manifest, tables
+
+
 class LogitCache:
     """Validated, in-memory logits indexed by example id."""
 
@@ -177,29 +212,12 @@ class LogitCache:
         """Read and check a cache. ``expected``: the producer fingerprint the caller trains with;
         ``ids``: the example ids it will look up."""
         folder = Path(folder)
-        manifest_path = folder / "manifest.json"
-        if not manifest_path.is_file():
-            raise CacheError(f"{folder}: no manifest.json (cache incomplete)")
-        manifest = read_json(manifest_path)
-        if manifest.get("schema") != CACHE_SCHEMA:
-            raise CacheError(f"{folder}: cache schema {manifest.get('schema')} is not {CACHE_SCHEMA}")
-        for key, want in expected.items():
-            got = manifest["producer"].get(key)
-            if got != want:
-                raise CacheError(f"{folder}: produced with a different {key} ({got!r}, training uses {want!r})")
-        tables = []
-        for shard in manifest["shards"]:
-            path = folder / shard["file"]
-            if not path.is_file():
-                raise CacheError(f"{folder}: shard {shard['file']} is missing")
-            if file_sha256(path) != shard["sha256"]:
-                raise CacheError(f"{folder}: shard {shard['file']} fails its checksum (corrupt or truncated)")
-            table = _read_shard(path)
-            if table.num_rows != shard["rows"]:
-                raise CacheError(f"{folder}: shard {shard['file']} holds {table.num_rows} rows, manifest says {shard['rows']}")
-            tables.append(table)
-        if not tables:
-            raise CacheError(f"{folder}: cache holds no shards")
+        try:
+            manifest, tables = _checked_shards(folder, expected)
+        except (ValueError, KeyError, TypeError, AttributeError, OSError, pa.ArrowException) as err:
+            # a manifest cut short, missing a field or holding the wrong types is a damaged cache
+            raise CacheError(f"{folder}: manifest.json cannot be read or lacks a field "
+                             f"({type(err).__name__}: {err})") from None
         table = pa.concat_tables(tables).combine_chunks()
         if table.num_rows != manifest["total_rows"]:
             raise CacheError(f"{folder}: {table.num_rows} rows, manifest says {manifest['total_rows']}")

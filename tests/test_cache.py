@@ -89,7 +89,30 @@ def corrupt_no_manifest(folder, manifest):
     (folder / "manifest.json").unlink()
 
 
+def corrupt_manifest_cut(folder, manifest):
+    text = (folder / "manifest.json").read_text()
+    (folder / "manifest.json").write_text(text[: len(text) // 2])
+
+
+def corrupt_manifest_no_shards(folder, manifest):
+    del manifest["shards"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def corrupt_manifest_not_a_mapping(folder, manifest):
+    (folder / "manifest.json").write_text("[1, 2]")
+
+
+def corrupt_manifest_id_range(folder, manifest):
+    manifest["shards"][1]["min_id"] += 1
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize("corrupt,needle", [
+    (corrupt_manifest_cut, "manifest.json cannot be read or lacks a field .JSONDecodeError"),
+    (corrupt_manifest_no_shards, "manifest.json cannot be read or lacks a field .KeyError: 'shards'"),
+    (corrupt_manifest_not_a_mapping, "manifest.json cannot be read or lacks a field .TypeError"),
+    (corrupt_manifest_id_range, "holds ids .* manifest says"),
     (corrupt_truncate, "fails its checksum"),
     (corrupt_missing, "is missing"),
     (corrupt_flip, "fails its checksum"),
