@@ -293,6 +293,10 @@ class FollowerRunDir(RunDir):
     def save_checkpoint(self, state: dict) -> None:
         pass
 
+    @contextmanager
+    def owned(self, wait: bool = False, log=None):
+        yield self  # rank 0 owns the folder for the job
+
 
 def for_this_rank(run: RunDir) -> RunDir:
     world = current()

@@ -16,6 +16,7 @@ import os
 import shlex
 import socket
 import subprocess
+import sys
 import time
 import traceback
 import uuid
@@ -26,7 +27,7 @@ import submitit
 
 from .config import RunConfig
 from .resources import Profile, Resources, as_dict, describe, submitit_parameters
-from .rundir import RunDir
+from .rundir import RunBusy, RunDir
 from .status import StageStatus, State, TextEnum, counts, first_line, stage_states
 
 #: sbatch flags every stage job gets: a job whose input failed is cancelled, not left pending.
@@ -58,9 +59,15 @@ class StageJob(submitit.helpers.Checkpointable):
         if main:
             state = f"resuming from {run.checkpoint}" if run.checkpoint.exists() else "starting"
             print(f"[hpc_kd] {self.stage.key}: {state}", flush=True)
+        if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+            die_with_parent()
         run_cfg = self.run_cfg if self.run_cfg.threads or not self.threads else replace(self.run_cfg, threads=self.threads)
         try:
             self.stage(self.root, run_cfg)
+        except RunBusy as err:  # another live process owns the folder: its record is not ours to touch
+            if main:
+                print(f"[hpc_kd] {self.stage.key}: {err}", file=sys.stderr, flush=True)
+            raise
         except Exception as err:  # recorded for `status`; re-raised so the scheduler sees a failure
             if main:
                 run.write_error({
@@ -70,6 +77,22 @@ class StageJob(submitit.helpers.Checkpointable):
         if main:
             print(f"[hpc_kd] {self.stage.key}: done", flush=True)
         return {"key": self.stage.key, "state": "done"}
+
+
+def die_with_parent() -> None:
+    """A local job's worker ends with its submitit controller (the process whose id the job
+    record holds): killed with it, not orphaned to train on unseen (Linux ``PR_SET_PDEATHSIG``)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: the run folder's owner lock still keeps a second copy out
+    controller = os.environ.get("SUBMITIT_LOCAL_JOB_ID", "")
+    if controller.isdigit() and os.getppid() != int(controller):  # it died before the line above
+        os._exit(1)
 
 
 def _rank() -> int:
@@ -211,6 +234,8 @@ def submit_slurm(plan, actions: dict[str, Action], states: dict[str, StageStatus
         for (kind, res, after), keys in groups.items():
             name = f"hpckd-{kind}-{uid}"
             previous = {k: _prepare(plan.stages[k].run_dir(plan.root)) for k in keys}
+            for k in keys:  # no job without a record: if this cannot be written, nothing is submitted
+                plan.stages[k].run_dir(plan.root).write_job(_new_record("slurm", previous[k], job_id=None, state="submitting"))
             jobs = [StageJob(plan.stages[k], plan.root.resolve(), run_cfg, threads=res.cpus_per_task) for k in keys]
             for key, sub in zip(keys, submit(folder, jobs, res, name, list(after))):
                 job_ids[key] = sub.job_id
@@ -276,12 +301,12 @@ def run_here(plan, actions: dict[str, Action], run_cfg: RunConfig, *, folder: Pa
     outcome = {k: a for k, a in actions.items() if a is not Action.SUBMIT}
     waiting = [k for k, a in actions.items() if a is Action.SUBMIT]
     running: dict[str, tuple] = {}
-    executor = None if folder is None else submitit.LocalExecutor(folder=folder)
+    executor = None  # made when a first job starts: a launch that starts nothing leaves no folder
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     shown, next_show = "", time.monotonic() + PROGRESS_EVERY_S
     try:
         while waiting or running:
-            if executor is not None and time.monotonic() > next_show:
+            if folder is not None and time.monotonic() > next_show:
                 now = "; ".join(f"{k}: {p}" for k in running if (p := _progress(plan, k)))
                 if now and now != shown:
                     log(f"  ... {now}")
@@ -297,12 +322,14 @@ def run_here(plan, actions: dict[str, Action], run_cfg: RunConfig, *, folder: Pa
                     log(f"[skip] {key}: never ran, because {cause} {why}")
                 elif all(i is Action.DONE for i in ins) and len(running) < jobs:
                     waiting.remove(key)
+                    if folder is not None and executor is None:
+                        executor = submitit.LocalExecutor(folder=folder)
                     running[key] = _start(plan, key, run_cfg, executor, profile, threads, log)
             for key, (job, started) in list(running.items()):
                 if job is None or job.done():
                     del running[key]
                     outcome[key] = _finish(plan, key, job, started, log)
-            if running and executor is not None:
+            if running and folder is not None:
                 time.sleep(poll_s)
     except KeyboardInterrupt:
         for job, _ in running.values():
@@ -333,6 +360,7 @@ def _start(plan, key, run_cfg, executor, profile, threads, log):
         return None, started
     res = (profile or Profile()).for_kind(stage.kind)
     executor.update_parameters(**submitit_parameters(res, "local"))
+    run.write_job(_new_record("local", previous, job_id=None, state="starting"))  # no job without a record
     submitted = executor.submit(job)
     run.write_job(_new_record("local", previous, job_id=submitted.job_id, folder=str(executor.folder),
                               stdout=str(submitted.paths.stdout), stderr=str(submitted.paths.stderr)))
@@ -345,6 +373,10 @@ def _finish(plan, key, job, started, log) -> Action:
     if run.done():
         log(f"[done] {key} in {seconds:.0f}s")
         return Action.DONE
+    owner = run.owner()
+    if owner is not None:  # another live process owns the folder (its job goes on): not a failure
+        log(f"[busy] {key}: owned by {owner}, which is still running it; this launch leaves it alone")
+        return Action.INFLIGHT
     if not run.failed():  # killed before the stage could say why
         detail = "the job ended without a result"
         if job is not None:

@@ -94,7 +94,7 @@ def parse(argv):
     parser.add_argument("--wait", action="store_true", help="slurm: follow the jobs until they end, then aggregate")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and submit nothing")
     parser.add_argument("--retry", action="store_true", help="run failed stages (and those they blocked) again")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come after options too
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
     return args
@@ -126,8 +126,12 @@ def main(argv=None) -> int:
         print(describe(plan, states, executors.decide(plan, states, args.retry)))
         return 0
     started = time.time()
+    sweep = SweepDir(plan.root)
+    problem = unwritable(sweep)
+    if problem:
+        print(f"error: {problem}: nothing was started", file=sys.stderr)
+        return 2
     try:
-        sweep = SweepDir(plan.root)
         with launch_lock(sweep):
             states, actions = _look(plan, args.retry)
             folder = sweep.submitit / executors.launch_id()
@@ -145,6 +149,27 @@ def main(argv=None) -> int:
     if args.executor != "slurm":
         return _finish(plan, sum(a is Action.DONE for a in outcome.values()), len(outcome), started)
     return _after_submit(plan, actions, states, submitted, args.wait, started)
+
+
+def unwritable(sweep: SweepDir) -> str | None:
+    """Why the sweep's folders cannot take its records (None when they can): the launcher writes
+    the sweep, its lock, each job's record and the jobs' logs there before anything starts. A
+    real write is tried, since permission bits do not tell (root ignores them, a read-only mount
+    does not show in them)."""
+    import tempfile
+
+    for folder in (sweep.root, sweep.runs):
+        probe = folder
+        while not probe.exists():
+            probe = probe.parent
+        try:
+            with tempfile.NamedTemporaryFile(dir=probe, prefix=".hpc_kd-write-probe-"):
+                pass
+        except OSError as err:
+            return f"{probe} is not writable ({err.strerror or type(err).__name__})"
+        if probe != folder:  # the rest of the path does not exist yet: creatable, since its parent is writable
+            break
+    return None
 
 
 def _log(message: str) -> None:
@@ -220,7 +245,7 @@ def run_main(argv=None, prog: str = "python -m hpc_kd.launch run") -> int:
     parser.add_argument("sweep", help="sweep YAML file")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. distill.tau=2")
     parser.add_argument("--stage", action="append", default=None, help="run only this stage key (repeatable)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         run_sweep(args.sweep, args.overrides, args.stage)
     except ConfigError as err:

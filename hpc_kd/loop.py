@@ -110,6 +110,7 @@ class Progress:
     metrics_lines: int = 0
     window: list = field(default_factory=lambda: [0.0, 0, 0.0])  # loss sum, steps, teacher weight sum since last log
     probe_loss: float | None = None  # the student's loss on the held-out probe slice
+    threads: int = 0  # torch CPU threads the run started with (a resumed run keeps them)
     selection: dict = field(default_factory=dict)  # this epoch's counts
 
 
@@ -215,8 +216,14 @@ class Trainer:
         if state is not None:
             self.load_state_dict(state)
             self.run.truncate_metrics(self.p.metrics_lines)
+            if self.p.threads and self.p.threads != torch.get_num_threads():
+                # CPU kernels split work by thread: the last bits of a result depend on the count
+                print(f"[hpc_kd] resuming with {self.p.threads} threads, as the run started "
+                      f"(not {torch.get_num_threads()}), so that it ends as an uninterrupted run", flush=True)
+                torch.set_num_threads(self.p.threads)
         else:
             self.run.truncate_metrics(0)
+            self.p.threads = torch.get_num_threads()
         if self.probe is not None and self.p.probe_loss is None:
             self.p.probe_loss = self._probe_loss()
         started = time.time()
@@ -318,7 +325,7 @@ class Trainer:
         from .models import load_classifier
 
         best = load_classifier(self.run.model).to(self.device)
-        result = {"kind": self.task.kind, "best_epoch": self.p.best_epoch, "epochs_run": self.p.epoch,
+        result = {"kind": self.task.kind, "threads": self.p.threads, "best_epoch": self.p.best_epoch, "epochs_run": self.p.epoch,
                   "steps": self.p.step, "train_seconds": round(seconds, 2)}
         for split in ("validation", "test"):
             if split in self.data.encoded:

@@ -9,17 +9,22 @@ A run's folder (:class:`RunDir`, ``runs/<kind>-<signature>/``) holds ``config.js
 settings, enough to rebuild it), ``metrics.jsonl`` (append-only records), ``result.json``
 (written last: its presence means "done"), ``error.json`` (written by a job that raised: its
 presence means "failed"), ``job.json`` (the launcher's record of the job that runs it),
-``model/``, ``tutor/``, ``logits/``, ``tutor_cache/``, ``deepspeed/`` and ``checkpoint.pt``.
+``model/``, ``tutor/``, ``logits/``, ``tutor_cache/``, ``deepspeed/``, ``checkpoint.pt`` and
+``.owner`` (the lock of the one live process that owns the folder, and who it is).
 Every file is written to a temporary name and renamed. Nothing here is loaded with pickle: JSON
 for records, safetensors / ``torch.load(weights_only=True)`` for tensors.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -51,9 +56,55 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
+class RunBusy(RuntimeError):
+    """The run folder is owned by another live process (see :meth:`RunDir.owned`)."""
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    # .owner: one live process owns a run folder while it trains or writes it (an exclusive
+    # flock, released by the kernel when the process ends however it ends); it holds who.
+    @property
+    def owner_file(self) -> Path:
+        return self.path / ".owner"
+
+    @contextlib.contextmanager
+    def owned(self, wait: bool = False, log=None):
+        """Own the folder for the ``with`` block, before anything is written in it. Another live
+        owner: wait for it (``wait``), else :class:`RunBusy` naming it."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.owner_file, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(f)
+                if not wait:
+                    raise RunBusy(f"{self.path} is owned by {holder}, which is still running it; "
+                                  f"nothing was written (cancel it first to start over)") from None
+                if log:
+                    log(f"[lock] waiting for {holder} to finish with {self.path}")
+                fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            f.flush()
+            yield self
+
+    def owner(self) -> str | None:
+        """Who owns the folder now (None: nobody alive does)."""
+        try:
+            f = open(self.owner_file)
+        except FileNotFoundError:
+            return None
+        with f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _holder(f)
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return None
 
     @property
     def model(self) -> Path:
@@ -177,6 +228,11 @@ class RunDir:
         if not self.checkpoint.exists():
             return None
         return torch.load(self.checkpoint, weights_only=True, map_location="cpu")
+
+
+def _holder(f) -> str:
+    f.seek(0)
+    return f.read().strip() or "another process"
 
 
 class SweepDir:

@@ -78,11 +78,20 @@ class Stage:
         for ref in self.inputs():
             if not SweepDir(root).run(ref.stage).done():
                 raise FileNotFoundError(f"{self.key} needs {ref.stage}/{ref.part}, which has not been produced")
+        with run.owned():  # one live process per run folder, taken before anything is written
+            if run.done():  # finished by another process while this one looked
+                return run.result()
+            return self._run(Path(root), run, run_cfg, on_step)
+
+    def _run(self, root: Path, run: RunDir, run_cfg: RunConfig, on_step) -> dict:
+        """Run the stage into ``run``, which this process owns."""
+        from . import distributed
+
         if run_cfg.threads:
             torch.set_num_threads(run_cfg.threads)
         run.start({"kind": self.kind, "key": self.key, "signature": self.signature, "role": self.role,
                    "settings": self.settings(), "inputs": [dataclasses.asdict(r) for r in self.inputs()]})
-        result = self.execute(Path(root), run, run_cfg, on_step)
+        result = self.execute(root, run, run_cfg, on_step)
         result.update({"key": self.key, "role": self.role})
         result.setdefault("layers", self.depth)
         run.finish(result)
@@ -215,12 +224,24 @@ class CacheLogits(Stage):
         if distributed.broadcast(error) is None:  # rank 0's verdict is everyone's
             return cache
         distributed.barrier()  # every rank is done reading before rank 0 deletes
-        if distributed.current().is_main:
-            print(f"[cache] {error}; rebuilding {self.key} from {self.model.stage}/{self.model.part}", file=sys.stderr)
-            self.run_dir(root).discard_result()
-            shutil.rmtree(self.folder(root), ignore_errors=True)
-        distributed.barrier()
-        self(root, run_cfg)
+        run = distributed.for_this_rank(self.run_dir(root))
+        log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+        # Serialised: a second reader that found the same damage waits for the first one's
+        # rebuild (never deletes a half-built cache), then finds it valid.
+        with run.owned(wait=True, log=log):
+            if distributed.current().is_main:
+                try:
+                    LogitCache.open(self.folder(root), expected, ids)
+                    rebuilt_meanwhile = True
+                except CacheError:
+                    rebuilt_meanwhile = False
+            if not distributed.broadcast(rebuilt_meanwhile if distributed.current().is_main else None):
+                if distributed.current().is_main:
+                    log(f"[cache] {error}; rebuilding {self.key} from {self.model.stage}/{self.model.part}")
+                    run.discard_result()
+                    shutil.rmtree(self.folder(root), ignore_errors=True)
+                distributed.barrier()
+                self._run(root, run, run_cfg, None)
         return LogitCache.open(self.folder(root), expected, ids)
 
 

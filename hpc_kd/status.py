@@ -219,6 +219,9 @@ def stage_states(root: Path, graph: dict[str, dict], live: dict | None | bool = 
             out[key] = StageStatus(key, State.FAILED, jid, error.get("error", "failed"), log)
             continue
         state, detail, log = _job_state(record, live)
+        owner = run.owner() if state is not State.RUNNING else None
+        if owner is not None:  # a live process owns the folder, whatever the job record says
+            state, detail = State.RUNNING, f"owned by {owner}"
         if state is State.FAILED and run.done():  # it finished since we looked
             out[key] = StageStatus(key, State.DONE, jid)
         elif cause is not None:

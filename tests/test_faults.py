@@ -1,0 +1,193 @@
+"""The fault model: one live owner per run folder, a local worker that dies with its controller,
+a serialised cache rebuild, read-only folders refused before anything starts, thread counts kept
+across a resume, and launches that start nothing leave nothing behind."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpc_kd import launch, status
+from hpc_kd.config import RunConfig
+from hpc_kd.rundir import RunBusy
+
+from .conftest import Killed, make_plan, run_plan, strip_times, tiny_config, write_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_run_folder_has_one_live_owner(tiny_model, tmp_path):
+    plan = make_plan(tiny_model, tmp_path)
+    teacher = next(iter(plan.stages.values()))
+    run = teacher.run_dir(plan.root)
+    with run.owned():  # another process (here: another open file of this one) trains it
+        assert run.owner().startswith(f"pid {os.getpid()} on ")
+        with pytest.raises(RunBusy, match=f"{run.path} is owned by pid {os.getpid()} on .*still running it"):
+            teacher(plan.root, plan.run)
+        assert sorted(p.name for p in run.path.iterdir()) == [".owner"]  # nothing was written
+        states = status.stage_states(plan.root, {teacher.key: {"needs": [], "run": f"runs/{teacher.key}"}}, live=None)
+        assert states[teacher.key].state is status.State.RUNNING and "owned by pid" in states[teacher.key].detail
+    assert run.owner() is None
+    teacher(plan.root, plan.run)
+    assert run.done()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_local_worker_dies_with_its_controller_and_the_relaunch_trains_alone(tiny_model, tmp_path):
+    """SIGKILL the local job's controller (the pid its record names): the worker goes with it
+    instead of training on unseen, and a relaunch resumes the one run to the metrics of an
+    uninterrupted one."""
+    import submitit
+
+    from hpc_kd.executors import StageJob
+
+    sections = dict(data={"max_train_examples": 400}, teacher={"train": {"lr": 1e-3, "batch_size": 8, "epochs": 4}},
+                    run={"progress": False, "checkpoint_every": 5, "log_every": 5, "threads": 1})
+    plan = make_plan(tiny_model, tmp_path / "killed", **sections)
+    teacher = next(iter(plan.stages.values()))
+    run = teacher.run_dir(plan.root)
+    executor = submitit.LocalExecutor(folder=tmp_path / "logs")
+    executor.update_parameters(timeout_min=10)
+    job = executor.submit(StageJob(teacher, plan.root, plan.run))
+    deadline = time.monotonic() + 120
+    while not any(json.loads(line).get("step", 0) >= 10 for line in
+                  (run.metrics_file.read_text().splitlines() if run.metrics_file.exists() else [])):
+        assert time.monotonic() < deadline and job.state not in ("FINISHED", "FAILED"), job.stderr()
+        time.sleep(0.1)
+    controller = int(job.job_id)
+    workers = _children(controller)
+    assert workers and all(_alive(w) for w in workers)
+    os.kill(controller, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while any(_alive(w) for w in workers):
+        assert time.monotonic() < deadline, "the worker outlived its controller"
+        time.sleep(0.1)
+    assert run.owner() is None and not run.done()
+    resumed = teacher(plan.root, plan.run)  # the relaunch: resumes from the checkpoint, alone
+    reference_plan = make_plan(tiny_model, tmp_path / "reference", **sections)
+    reference = run_plan(reference_plan)[teacher.key]
+    assert strip_times(resumed) == strip_times(reference)
+    assert run.metrics() == teacher.run_dir(reference_plan.root).metrics()
+
+
+def test_two_readers_of_one_damaged_cache_rebuild_it_once(tiny_model, tmp_path, monkeypatch, capsys):
+    from hpc_kd.data import Dataset
+    from hpc_kd.models import load_tokenizer
+    from hpc_kd.stages import CacheLogits
+
+    plan = make_plan(tiny_model, tmp_path, distill={"policy": "teacher"})
+    teacher, cache = list(plan.stages.values())[:2]
+    run_plan(plan, only=[teacher.key, cache.key])
+    manifest = cache.folder(plan.root) / "manifest.json"
+    good = json.loads(manifest.read_text())
+    manifest.write_text(manifest.read_text()[:40])  # cut in half: unreadable
+    dataset = Dataset.build(cache.data, load_tokenizer(str(teacher.run_dir(plan.root).model)))
+    builds, original = [], CacheLogits._run
+
+    def slow_build(self, *args):
+        builds.append(threading.get_ident())
+        time.sleep(1.0)  # a second reader arrives while the first one rebuilds
+        return original(self, *args)
+
+    monkeypatch.setattr(CacheLogits, "_run", slow_build)
+    results, errors = [], []
+
+    def read():
+        try:
+            results.append(cache.load(plan.root, dataset, plan.run))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=read) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 2
+    assert len(builds) == 1  # the second reader waited, then found the rebuilt cache valid
+    rebuilt = json.loads(manifest.read_text())
+    assert [s["sha256"] for s in rebuilt["shards"]] == [s["sha256"] for s in good["shards"]]
+    assert capsys.readouterr().err.count("rebuilding") == 1
+
+
+def _read_only(folder: Path, cmd: list[str]) -> list[str]:
+    """``cmd`` run with ``folder`` read-only: by permissions for a user, by a private read-only
+    bind mount for root (who ignores permissions)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return cmd
+    if shutil.which("unshare") is None:
+        pytest.fail("root and no unshare: cannot make a folder read-only for this test")
+    script = f"mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} && exec \"$@\""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
+
+
+@pytest.mark.parametrize("which", ["sweep", "runs"])
+def test_a_read_only_results_folder_is_refused_before_anything_starts(tiny_model, tmp_path, which):
+    cfg = tiny_config(tiny_model, tmp_path / "out")
+    sweep = write_yaml(tmp_path / "s.yaml", cfg)
+    root = tmp_path / "out" / cfg["name"]
+    (root / "runs").mkdir(parents=True)
+    folder = root if which == "sweep" else root / "runs"
+    cmd = _read_only(folder, [sys.executable, "-m", "hpc_kd.launch", str(sweep), "--executor", "local"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    folder.chmod(0o755)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == f"error: {folder} is not writable (Read-only file system): nothing was started" \
+        or proc.stderr.strip() == f"error: {folder} is not writable (Permission denied): nothing was started"
+    assert list((root / "runs").iterdir()) == [] and not (root / "sweep.json").exists()
+
+
+def test_a_resumed_run_keeps_its_thread_count(tiny_model, tmp_path):
+    """Results differ in the last bits between thread counts: a run started with 1 thread and
+    resumed where 2 are set finishes with 1, as the uninterrupted run, and says so."""
+    before = torch.get_num_threads()
+    try:
+        reference_plan = make_plan(tiny_model, tmp_path / "ref", run={"progress": False, "checkpoint_every": 2, "threads": 1})
+        reference = run_plan(reference_plan)
+        plan = make_plan(tiny_model, tmp_path / "resumed", run={"progress": False, "checkpoint_every": 2, "threads": 1})
+        key = list(plan.stages)[-1]
+        run_plan(plan, only=list(plan.stages)[:-1])
+
+        def kill(trainer, record):
+            if trainer.p.step == 5:
+                raise Killed
+
+        with pytest.raises(Killed):
+            plan.stages[key](plan.root, plan.run, on_step=kill)
+        resumed = plan.stages[key](plan.root, RunConfig(progress=False, checkpoint_every=2, threads=2))
+        assert resumed["threads"] == reference[key]["threads"] == 1
+        assert strip_times(resumed) == strip_times(reference[key])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_options_and_overrides_mix_and_a_launch_that_starts_nothing_leaves_no_folder(tiny_model, tmp_path, capsys):
+    cfg = tiny_config(tiny_model, tmp_path / "out")
+    sweep = write_yaml(tmp_path / "s.yaml", cfg)
+    root = tmp_path / "out" / cfg["name"]
+    assert launch.main([str(sweep), "--jobs", "1", "run.threads=1", "--executor", "local", "seed=0"]) == 0
+    assert len(list((root / "submitit").iterdir())) == 1
+    assert launch.main([str(sweep), "--executor", "local", "run.threads=1"]) == 0  # all done: starts nothing
+    assert len(list((root / "submitit").iterdir())) == 1
+    capsys.readouterr()
