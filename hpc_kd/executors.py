@@ -373,6 +373,9 @@ def _finish(plan, key, job, started, log) -> Action:
     if run.done():
         log(f"[done] {key} in {seconds:.0f}s")
         return Action.DONE
+    if (run.job() or {}).get("cancelled"):
+        log(f"[cancelled] {key}: stopped by launch cancel; a relaunch resumes it")
+        return Action.BLOCKED
     owner = run.owner()
     if owner is not None:  # another live process owns the folder (its job goes on): not a failure
         log(f"[busy] {key}: owned by {owner}, which is still running it; this launch leaves it alone")
@@ -385,3 +388,50 @@ def _finish(plan, key, job, started, log) -> Action:
         run.write_error({"error": detail, "log": str(job.paths.stderr) if job is not None else None})
     log(f"[failed] {key}: {first_line(run.error().get('error', ''))} (details: {run.error_file})")
     return Action.FAILED
+
+
+# -- cancel -----------------------------------------------------------------------------------
+
+
+def cancel(root: Path, graph: dict[str, dict], states: dict[str, StageStatus], keys: list[str] | None,
+           log=print) -> list[str]:
+    """Stop the queued and running jobs of the stages ``keys`` (default: all) and of the stages
+    that need them, and record it in their job records; finished stages are left alone. SLURM
+    jobs (array elements included) by ``scancel``; local jobs by killing their controller, whose
+    worker dies with it, and the process that owns the run folder. Returns the cancelled keys."""
+    import signal
+
+    from .rundir import SweepDir
+
+    wanted = set(graph) if not keys else set(keys)
+    for key in graph:  # what needs a cancelled stage cannot run either
+        if set(graph[key].get("needs", [])) & wanted:
+            wanted.add(key)
+    sweep, stopped, slurm_ids = SweepDir(root), [], []
+    for key in graph:
+        st = states[key]
+        if key not in wanted or st.state not in (State.RUNNING, State.PENDING):
+            continue
+        run = sweep.run(key, graph[key])
+        record = run.job() or {}
+        if record.get("executor") == "slurm" and record.get("job_id"):
+            slurm_ids.append(str(record["job_id"]))
+        elif record.get("host") == socket.gethostname():
+            pids = [record.get("job_id")]
+            owner = (run.owner() or "").split()
+            if len(owner) >= 4 and owner[0] == "pid" and owner[3] == socket.gethostname():
+                pids.append(owner[1])
+            for pid in pids:
+                if str(pid).isdigit() and int(pid) != os.getpid():
+                    try:
+                        os.kill(int(pid), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        run.write_job({**record, "cancelled": time.strftime("%Y-%m-%d %H:%M:%S"), "state": "cancelled"})
+        stopped.append(key)
+        log(f"[cancelled] {key} ({st.state}{', job ' + str(record.get('job_id')) if record.get('job_id') else ''})")
+    if slurm_ids:
+        out = subprocess.run(["scancel", *slurm_ids], capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            log(f"scancel: {out.stderr.strip()}")
+    return stopped

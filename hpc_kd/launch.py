@@ -83,7 +83,8 @@ def parse(argv):
     parser = argparse.ArgumentParser(prog="python -m hpc_kd.launch", description=__doc__.splitlines()[0],
                                      epilog="python -m hpc_kd.launch status results/<sweep>: where every stage stands; "
                                             "python -m hpc_kd.launch run SWEEP.yaml: run it on every rank of a "
-                                            "torchrun/srun job")
+                                            "torchrun/srun job; python -m hpc_kd.launch cancel results/<sweep> "
+                                            "[--stage KEY]: stop its jobs")
     parser.add_argument("sweep", help="sweep YAML file")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. distill.tau=2")
     parser.add_argument("--executor", choices=["slurm", "local", "debug"], default="local",
@@ -108,6 +109,8 @@ def main(argv=None) -> int:
         return status_main(argv[1:])
     if argv[:1] == ["run"]:
         return run_main(argv[1:])
+    if argv[:1] == ["cancel"]:
+        return cancel_main(argv[1:])
     args = parse(argv)
     try:
         plan = load_plan(args.sweep, args.overrides)
@@ -224,6 +227,60 @@ def _finish(plan, done: int, stages: int, started: float) -> int:
     print(aggregate(plan.root), end="")
     print(f"\n{done}/{stages} stages done in {time.time() - started:.0f}s; table: {SweepDir(plan.root).table('md')}")
     return 0 if done == stages else 1
+
+
+# -- cancel ------------------------------------------------------------------------------------
+
+
+def cancel_main(argv=None) -> int:
+    """``python -m hpc_kd.launch cancel results/<name> [--stage KEY ...]``."""
+    parser = argparse.ArgumentParser(prog="python -m hpc_kd.launch cancel",
+                                     description="Stop a sweep's queued and running jobs (all, or those of --stage "
+                                                 "and what needs them). Finished stages stay; a later launch "
+                                                 "resumes the cancelled ones from their checkpoints.")
+    parser.add_argument("sweep_dir", help="results/<sweep>, the folder holding sweep.json")
+    parser.add_argument("--stage", action="append", default=None, help="cancel this stage key (repeatable)")
+    args = parser.parse_args(argv)
+    sweep = SweepDir(args.sweep_dir)
+    if not sweep.has_sweep():
+        print(f"error: {sweep.root} holds no sweep.json (launch a sweep into it first)", file=sys.stderr)
+        return 2
+    from .status import sweep_graph
+
+    graph = sweep_graph(sweep.root)
+    unknown = [k for k in args.stage or [] if k not in graph]
+    if unknown:
+        print(f"error: no stage {', '.join(unknown)} in {sweep.root}", file=sys.stderr)
+        return 2
+    if args.stage:  # a local launcher may be running the rest: it sees these as cancelled
+        stopped = executors.cancel(sweep.root, graph, stage_states(sweep.root, graph), args.stage, log=_log)
+    else:
+        _interrupt_local_launcher(sweep)  # it holds the sweep's lock and would start what is left
+        with launch_lock(sweep, timeout_s=120):
+            stopped = executors.cancel(sweep.root, graph, stage_states(sweep.root, graph), None, log=_log)
+    print(f"{len(stopped)} stage job(s) cancelled; resume with the launch command (finished stages are kept)")
+    return 0
+
+
+def _interrupt_local_launcher(sweep: SweepDir) -> None:
+    """A local launch running this sweep (the holder of its lock, on this host): Ctrl-C it, as a
+    user would, so that it starts nothing more and stops its jobs."""
+    import os
+    import signal
+    import socket
+
+    try:
+        holder = sweep.lock_file.read_text().split()
+    except FileNotFoundError:
+        return
+    if len(holder) >= 4 and holder[0] == "pid" and holder[3] == socket.gethostname() and holder[1].isdigit():
+        pid = int(holder[1])
+        if pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGINT)
+                _log(f"[cancel] interrupted the local launcher (pid {pid})")
+            except ProcessLookupError:
+                pass
 
 
 # -- run: on every rank of a job started by hand ---------------------------------------------

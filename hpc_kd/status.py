@@ -143,6 +143,8 @@ def _job_state(record: dict | None, live: dict | None) -> tuple[State, str, str 
     if not record:
         return State.MISSING, "not submitted", None
     log = record.get("stderr")
+    if record.get("cancelled"):  # `launch cancel`: not a failure; a relaunch resumes it
+        return State.MISSING, f"cancelled {record['cancelled']} (a relaunch resumes it)", None
     if record.get("executor") != "slurm":  # local and debug jobs: a process on this machine
         if _alive(record):
             return State.RUNNING, f"{record.get('executor')} job {record.get('job_id')}", log

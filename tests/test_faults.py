@@ -191,3 +191,69 @@ def test_options_and_overrides_mix_and_a_launch_that_starts_nothing_leaves_no_fo
     assert launch.main([str(sweep), "--executor", "local", "run.threads=1"]) == 0  # all done: starts nothing
     assert len(list((root / "submitit").iterdir())) == 1
     capsys.readouterr()
+
+
+def test_cancel_stops_a_local_sweep_and_a_relaunch_resumes_it(tiny_model, tmp_path):
+    """`launch cancel` on a sweep a local launcher is running: the launcher stops, the running
+    job dies (controller and worker), status says cancelled (not failed), nothing is left running,
+    and the next launch resumes the cancelled stage from its checkpoint to the uninterrupted numbers."""
+    sections = dict(data={"max_train_examples": 400}, teacher={"train": {"lr": 1e-3, "batch_size": 8, "epochs": 4}},
+                    run={"progress": False, "checkpoint_every": 5, "log_every": 5, "threads": 1},
+                    grid={"distill.policy": ["teacher", "min_loss"]})
+    cfg = tiny_config(tiny_model, tmp_path / "out", **sections)
+    sweep = write_yaml(tmp_path / "s.yaml", cfg)
+    root = tmp_path / "out" / cfg["name"]
+    env = {**os.environ, "HPC_KD_NO_PROGRESS": "1"}
+    launcher = subprocess.Popen([sys.executable, "-m", "hpc_kd.launch", str(sweep), "--executor", "local"],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        teacher = None
+        while True:
+            assert time.monotonic() < deadline and launcher.poll() is None, "the teacher did not start training"
+            if (root / "sweep.json").exists():
+                teacher = json.loads((root / "sweep.json").read_text())["order"][0]
+                metrics = root / "runs" / teacher / "metrics.jsonl"
+                if metrics.exists() and any(json.loads(x).get("step", 0) >= 10 for x in metrics.read_text().splitlines()):
+                    break
+            time.sleep(0.1)
+        record = json.loads((root / "runs" / teacher / "job.json").read_text())
+        controller = int(record["job_id"])
+        workers = _children(controller)
+        out = subprocess.run([sys.executable, "-m", "hpc_kd.launch", "cancel", str(root)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert launcher.wait(timeout=60) != 0
+        deadline = time.monotonic() + 20
+        while _alive(controller) or any(_alive(w) for w in workers):
+            assert time.monotonic() < deadline, "a cancelled job is still running"
+            time.sleep(0.1)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    run = root / "runs" / teacher
+    assert json.loads((run / "job.json").read_text())["cancelled"]
+    assert not (run / "error.json").exists() and (run / "checkpoint.pt").exists()
+    shown = subprocess.run([sys.executable, "-m", "hpc_kd.launch", "status", str(root)], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=60).stdout
+    line = next(x for x in shown.splitlines() if x.strip().startswith(teacher))
+    assert "cancelled" in line and "failed" not in line, shown
+    again = subprocess.run([sys.executable, "-m", "hpc_kd.launch", str(sweep), "--executor", "local"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    log = Path(json.loads((run / "job.json").read_text())["stdout"]).read_text()
+    assert f"{teacher}: resuming from" in log
+    reference_plan = make_plan(tiny_model, tmp_path / "reference", **{k: v for k, v in sections.items() if k != "grid"})
+    reference = run_plan(reference_plan, only=[teacher])[teacher]
+    assert strip_times(json.loads((run / "result.json").read_text())) == strip_times(reference)
+
+
+def test_cancel_of_a_sweep_with_nothing_running_cancels_nothing(tiny_model, tmp_path, capsys):
+    cfg = tiny_config(tiny_model, tmp_path / "out", distill={"policy": "teacher"})
+    sweep = write_yaml(tmp_path / "s.yaml", cfg)
+    root = tmp_path / "out" / cfg["name"]
+    assert launch.main([str(sweep), "--executor", "debug"]) == 0
+    assert launch.main(["cancel", str(root)]) == 0
+    assert "0 stage job(s) cancelled" in capsys.readouterr().out
+    assert launch.main(["cancel", str(root), "--stage", "nope"]) == 2
+    assert launch.main(["cancel", str(tmp_path)]) == 2

@@ -206,3 +206,41 @@ def _result(run: Path) -> dict:
     result = json.loads((run / "result.json").read_text())
     result.pop("train_seconds", None)
     return result
+
+
+def test_cancel_scancels_the_sweep_and_a_relaunch_resumes_it(tiny_model, tmp_path, roots):
+    """`launch cancel` on a sweep queued on SLURM: scancel for the running teacher and its queued
+    dependents (an array among them), status shows them cancelled (not failed, not blocked), and a
+    relaunch resumes the teacher from its checkpoint and finishes the sweep."""
+    sections = dict(data={"max_train_examples": 2000},
+                    teacher={"train": {"lr": 1e-3, "batch_size": 16, "epochs": 4}},
+                    run={"progress": False, "checkpoint_every": 20, "log_every": 10, "threads": 1},
+                    grid={"distill.policy": ["teacher", "min_loss"]})
+    sweep, root = make_sweep(tiny_model, tmp_path, roots, **sections)
+    first = slurm(sweep)
+    assert first.returncode == 0, first.stderr
+    teacher = json.loads((root / "sweep.json").read_text())["order"][0]
+    metrics = root / "runs" / teacher / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not any(json.loads(line).get("step", 0) >= 40 for line in _lines(metrics)):
+        assert time.monotonic() < deadline, "the teacher did not reach step 40 in time"
+        time.sleep(0.1)
+    ids = {k: r["job_id"] for k, r in records(root).items()}
+    out = launch("cancel", root)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{len(ids)} stage job(s) cancelled" in out.stdout
+    deadline = time.monotonic() + 60
+    while True:  # SLURM has nothing of the sweep left queued or running
+        queue = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids.values())], capture_output=True,
+                               text=True, timeout=30).stdout.split()
+        if not queue:
+            break
+        assert time.monotonic() < deadline, f"still in the queue after cancel: {queue}"
+        time.sleep(1)
+    assert all(r.get("cancelled") for r in records(root).values())
+    shown = launch("status", root).stdout
+    assert shown.count("cancelled") == len(ids) and " failed " not in shown and "blocked" not in shown, shown
+    again = slurm(sweep, "--wait")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"{teacher}: resuming from" in Path(records(root)[teacher]["stdout"]).read_text()
+    assert [r["state"] for r in table(root)] == ["done"] * 4
