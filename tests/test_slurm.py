@@ -213,7 +213,7 @@ def test_cancel_scancels_the_sweep_and_a_relaunch_resumes_it(tiny_model, tmp_pat
     dependents (an array among them), status shows them cancelled (not failed, not blocked), and a
     relaunch resumes the teacher from its checkpoint and finishes the sweep."""
     sections = dict(data={"max_train_examples": 2000},
-                    teacher={"train": {"lr": 1e-3, "batch_size": 16, "epochs": 4}},
+                    teacher={"train": {"lr": 1e-3, "batch_size": 16, "epochs": 12}},
                     run={"progress": False, "checkpoint_every": 20, "log_every": 10, "threads": 1},
                     grid={"distill.policy": ["teacher", "min_loss"]})
     sweep, root = make_sweep(tiny_model, tmp_path, roots, **sections)
@@ -228,7 +228,6 @@ def test_cancel_scancels_the_sweep_and_a_relaunch_resumes_it(tiny_model, tmp_pat
     ids = {k: r["job_id"] for k, r in records(root).items()}
     out = launch("cancel", root)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert f"{len(ids)} stage job(s) cancelled" in out.stdout
     deadline = time.monotonic() + 60
     while True:  # SLURM has nothing of the sweep left queued or running
         queue = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(ids.values())], capture_output=True,
@@ -237,10 +236,16 @@ def test_cancel_scancels_the_sweep_and_a_relaunch_resumes_it(tiny_model, tmp_pat
             break
         assert time.monotonic() < deadline, f"still in the queue after cancel: {queue}"
         time.sleep(1)
-    assert all(r.get("cancelled") for r in records(root).values())
+    # the teacher may have finished while cancel looked (a race no test should bet on): what is
+    # not done was cancelled, and is shown as cancelled, never as failed or blocked
+    cancelled = [k for k, r in records(root).items() if r.get("cancelled")]
+    unfinished = [k for k in ids if not (root / "runs" / k / "result.json").exists()]
+    assert unfinished and set(unfinished) <= set(cancelled)
+    assert f"{len(cancelled)} stage job(s) cancelled" in out.stdout
     shown = launch("status", root).stdout
-    assert shown.count("cancelled") == len(ids) and " failed " not in shown and "blocked" not in shown, shown
+    assert shown.count("cancelled") == len(unfinished) and " failed " not in shown and "blocked" not in shown, shown
     again = slurm(sweep, "--wait")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert f"{teacher}: resuming from" in Path(records(root)[teacher]["stdout"]).read_text()
+    if teacher in unfinished:
+        assert f"{teacher}: resuming from" in Path(records(root)[teacher]["stdout"]).read_text()
     assert [r["state"] for r in table(root)] == ["done"] * 4
