@@ -302,7 +302,7 @@ def run_here(plan, actions: dict[str, Action], run_cfg: RunConfig, *, folder: Pa
     waiting = [k for k, a in actions.items() if a is Action.SUBMIT]
     running: dict[str, tuple] = {}
     executor = None  # made when a first job starts: a launch that starts nothing leaves no folder
-    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    cpus = os.cpu_count() or 1
     shown, next_show = "", time.monotonic() + PROGRESS_EVERY_S
     try:
         while waiting or running:
@@ -324,6 +324,10 @@ def run_here(plan, actions: dict[str, Action], run_cfg: RunConfig, *, folder: Pa
                     waiting.remove(key)
                     if folder is not None and executor is None:
                         executor = submitit.LocalExecutor(folder=folder)
+                    # the CPUs are split between the jobs that can run now: a stage that runs
+                    # alone (the teacher, its cache, the tutor) gets all of them
+                    ready = sum(all(outcome.get(r.stage) is Action.DONE for r in plan.stages[k].inputs()) for k in waiting)
+                    threads = max(1, cpus // min(jobs, len(running) + 1 + ready))
                     running[key] = _start(plan, key, run_cfg, executor, profile, threads, log)
             for key, (job, started) in list(running.items()):
                 if job is None or job.done():
