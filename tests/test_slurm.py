@@ -73,6 +73,19 @@ def table(root: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def submit_and_wait_for_step(sweep: Path, root: Path, step: int) -> str:
+    """Submit ``sweep`` to SLURM and return its teacher's key once the teacher has logged ``step``."""
+    first = slurm(sweep)
+    assert first.returncode == 0, first.stderr
+    teacher = json.loads((root / "sweep.json").read_text())["order"][0]
+    metrics = root / "runs" / teacher / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not any(json.loads(line).get("step", 0) >= step for line in _lines(metrics)):
+        assert time.monotonic() < deadline, f"the teacher did not reach step {step} in time"
+        time.sleep(0.1)
+    return teacher
+
+
 def test_sweep_on_slurm(tiny_model, tmp_path, roots):
     """Queue a 2-cell sweep (the tutor and both students go as one array), relaunch while it is
     queued, follow it with --wait, relaunch when it is done: one job per stage, and the table."""
@@ -169,14 +182,7 @@ def test_requeue_mid_run_ends_with_the_uninterrupted_metrics(tiny_model, tmp_pat
                     run={"progress": False, "checkpoint_every": 20, "log_every": 10, "threads": 1})
     sweep, root = make_sweep(tiny_model, tmp_path / "slurm", roots, **sections)
     ref_sweep, ref_root = make_sweep(tiny_model, tmp_path / "ref", [], **sections)
-    first = slurm(sweep)
-    assert first.returncode == 0, first.stderr
-    teacher = json.loads((root / "sweep.json").read_text())["order"][0]
-    metrics = root / "runs" / teacher / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not any(json.loads(line).get("step", 0) >= 60 for line in _lines(metrics)):
-        assert time.monotonic() < deadline, "the teacher did not reach step 60 in time"
-        time.sleep(0.1)
+    teacher = submit_and_wait_for_step(sweep, root, 60)
     job = records(root)[teacher]["job_id"]
     subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
 
@@ -217,14 +223,7 @@ def test_cancel_scancels_the_sweep_and_a_relaunch_resumes_it(tiny_model, tmp_pat
                     run={"progress": False, "checkpoint_every": 20, "log_every": 10, "threads": 1},
                     grid={"distill.policy": ["teacher", "min_loss"]})
     sweep, root = make_sweep(tiny_model, tmp_path, roots, **sections)
-    first = slurm(sweep)
-    assert first.returncode == 0, first.stderr
-    teacher = json.loads((root / "sweep.json").read_text())["order"][0]
-    metrics = root / "runs" / teacher / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not any(json.loads(line).get("step", 0) >= 40 for line in _lines(metrics)):
-        assert time.monotonic() < deadline, "the teacher did not reach step 40 in time"
-        time.sleep(0.1)
+    teacher = submit_and_wait_for_step(sweep, root, 40)
     ids = {k: r["job_id"] for k, r in records(root).items()}
     out = launch("cancel", root)
     assert out.returncode == 0, out.stdout + out.stderr
