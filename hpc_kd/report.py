@@ -45,6 +45,12 @@ def _group_key(row: dict) -> tuple:
     return tuple(sorted((k, v) for k, v in row.items() if k not in GROUP_OMIT and not isinstance(v, (list, dict))))
 
 
+def plain_kd(row: dict) -> bool:
+    """A student of plain KD: the plan resolved its tutor mode to ``none`` (no tutor; recorded
+    in sweep.json as ``tutor_update: null``), which is what the paired differences compare to."""
+    return row.get("tutor_update") is None
+
+
 def students_done(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["role"] == "student" and r["state"] == "done"]
 
@@ -96,12 +102,12 @@ def paired_vs_kd(root: Path, rows: list[dict], n_boot: int = 4000, seed: int = 0
     done = students_done(rows)
     baseline = {}
     for r in done:
-        if r["policy"] == "teacher":
+        if plain_kd(r):
             base_key = tuple((k, v) for k, v in _group_key(r) if k not in ("policy", "tutor_update"))
             baseline[(base_key, r["seed"])] = r
     groups = defaultdict(list)
     for r in done:
-        if r["policy"] != "teacher":
+        if not plain_kd(r):
             groups[_group_key(r)].append(r)
     rng = np.random.default_rng(seed)
     out = []
@@ -232,7 +238,7 @@ def plot_teacher_share(root: Path, rows: list[dict], path: Path) -> None:
     plt = _plt()
     curves = defaultdict(list)
     for r in students_done(rows):
-        if r["policy"] == "teacher":
+        if plain_kd(r):
             continue
         logs = [m for m in SweepDir(root).run(r["run"]).metrics() if m["type"] == "train" and "teacher_share" in m]
         if logs:
