@@ -27,7 +27,7 @@ import submitit
 
 from .config import RunConfig
 from .resources import Profile, Resources, as_dict, describe, submitit_parameters
-from .rundir import RunBusy, RunDir
+from .rundir import RunBusy, RunDir, local_pid
 from .status import StageStatus, State, TextEnum, counts, first_line, stage_states
 
 #: sbatch flags every stage job gets: a job whose input failed is cancelled, not left pending.
@@ -422,9 +422,7 @@ def cancel(root: Path, graph: dict[str, dict], states: dict[str, StageStatus], k
             slurm_ids.append(str(record["job_id"]))
         elif record.get("host") == socket.gethostname():
             pids = [record.get("job_id")]
-            owner = (run.owner() or "").split()
-            if len(owner) >= 4 and owner[0] == "pid" and owner[3] == socket.gethostname():
-                pids.append(owner[1])
+            pids.append(local_pid(run.owner()))
             for pid in pids:
                 if str(pid).isdigit() and int(pid) != os.getpid():
                     try:

@@ -26,7 +26,7 @@ from .config import ConfigError
 from .executors import Action
 from .plan import Plan, load_plan
 from .resources import load_profile
-from .rundir import SweepDir
+from .rundir import SweepDir, local_pid
 from .status import State, launch_lock, stage_states
 
 
@@ -267,20 +267,17 @@ def _interrupt_local_launcher(sweep: SweepDir) -> None:
     user would, so that it starts nothing more and stops its jobs."""
     import os
     import signal
-    import socket
 
     try:
-        holder = sweep.lock_file.read_text().split()
+        pid = local_pid(sweep.lock_file.read_text())
     except FileNotFoundError:
         return
-    if len(holder) >= 4 and holder[0] == "pid" and holder[3] == socket.gethostname() and holder[1].isdigit():
-        pid = int(holder[1])
-        if pid != os.getpid():
-            try:
-                os.kill(pid, signal.SIGINT)
-                _log(f"[cancel] interrupted the local launcher (pid {pid})")
-            except ProcessLookupError:
-                pass
+    if pid is not None and pid != os.getpid():
+        try:
+            os.kill(pid, signal.SIGINT)
+            _log(f"[cancel] interrupted the local launcher (pid {pid})")
+        except ProcessLookupError:
+            pass
 
 
 # -- run: on every rank of a job started by hand ---------------------------------------------

@@ -230,6 +230,14 @@ class RunDir:
         return torch.load(self.checkpoint, weights_only=True, map_location="cpu")
 
 
+def local_pid(holder: str | None) -> int | None:
+    """The process id in a lock's "pid N on HOST ..." text when HOST is this machine (None else)."""
+    words = (holder or "").split()
+    if len(words) >= 4 and words[0] == "pid" and words[1].isdigit() and words[3] == socket.gethostname():
+        return int(words[1])
+    return None
+
+
 def _holder(f) -> str:
     f.seek(0)
     return f.read().strip() or "another process"
