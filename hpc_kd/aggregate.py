@@ -17,10 +17,15 @@ from pathlib import Path
 from .rundir import SweepDir, sweep_dir_argument, write_atomic
 from .status import State, ordered, stage_states
 
-COLUMNS = ["role", "depth", "iteration", "chain", "policy", "seed", "tutor_update", "test_acc", "test_macro_f1",
-           "val_acc", "val_macro_f1", "teacher_share", "teacher_batches", "collapsed", "params", "state", "run"]
+COLUMNS = ["role", "depth", "iteration", "chain", "policy", "seed", "tutor_update", "metric", "test_score",
+           "test_acc", "test_macro_f1", "val_score", "val_acc", "val_macro_f1", "teacher_share", "teacher_batches",
+           "collapsed", "params", "state", "run"]
+#: ``test_score`` / ``val_score`` are the task's metric (``metric``); a run's further evaluated
+#: splits (``data.also_evaluate``) add ``<split>_score``. A sweep over ``data.name`` has a ``task``
+#: column.
 
 STANDARD_AXES = ("student.layers", "distill.policy", "seed", "distill.tutor_update")
+AXIS_NAMES = {"data.name": "task"}
 
 
 def _row(root: Path, key: str, sweep: dict, extra: dict, states: dict) -> dict:
@@ -31,10 +36,16 @@ def _row(root: Path, key: str, sweep: dict, extra: dict, states: dict) -> dict:
     if row["state"] == State.DONE:
         res = SweepDir(root).run(key, info).result()
         row["depth"] = res.get("layers", row["depth"])
-        row["val_acc"] = res["validation"]["accuracy"]
-        row["val_macro_f1"] = res["validation"]["macro_f1"]
-        row["test_acc"] = res["test"]["accuracy"] if "test" in res else None
-        row["test_macro_f1"] = res["test"]["macro_f1"] if "test" in res else None
+        row["metric"] = res["validation"].get("metric", "accuracy")
+        for split, prefix in (("validation", "val"), ("test", "test")):
+            if split in res:
+                # results from before the task metric have accuracy only, which was their metric
+                row[f"{prefix}_score"] = res[split].get("score", res[split].get("accuracy"))
+                row[f"{prefix}_acc"] = res[split].get("accuracy")
+                row[f"{prefix}_macro_f1"] = res[split].get("macro_f1")
+        for split, value in res.items():  # data.also_evaluate
+            if split not in ("validation", "test", "tutor_validation") and isinstance(value, dict) and "score" in value:
+                row[f"{split}_score"] = value["score"]
         row["collapsed"] = res["validation"]["collapsed"]
         row["params"] = res.get("params")
         sel = res.get("selection")
@@ -56,13 +67,14 @@ def collect(root: str | Path, states: dict | None = None) -> list[dict]:
     rows, seen = [], set()
     role = lambda key: sweep["stages"][key]["role"]  # noqa: E731
     for cell in sweep["cells"]:
+        task = {"task": cell["values"]["data.name"]} if "data.name" in cell["values"] else {}
         for key in cell["chain"]:
             if role(key) in ("teacher", "tutor") and key not in seen:
                 seen.add(key)
-                rows.append(_row(root, key, sweep, {}, states))
+                rows.append(_row(root, key, sweep, task, states))
     for cell in sweep["cells"]:
         # grid axes that have no column of their own (tau, alpha, ...) get one, by last key part
-        axes = {k.rsplit(".", 1)[-1]: v for k, v in cell["values"].items() if k not in STANDARD_AXES}
+        axes = {AXIS_NAMES.get(k, k.rsplit(".", 1)[-1]): v for k, v in cell["values"].items() if k not in STANDARD_AXES}
         depths = []
         for key in cell["chain"]:
             if role(key) == "student":
@@ -89,8 +101,17 @@ def columns_of(rows: list[dict]) -> list[str]:
     return COLUMNS[:-2] + list(dict.fromkeys(extra)) + COLUMNS[-2:]
 
 
+def shown_columns(rows: list[dict]) -> list[str]:
+    """The markdown table's columns: every column but those empty in every row, and accuracy
+    when it is the metric of every row (it is then the score column)."""
+    cols = [c for c in columns_of(rows) if c in ("role", "state", "run") or any(r.get(c) is not None for r in rows)]
+    if all(r.get("metric") in (None, "accuracy") for r in rows):
+        cols = [c for c in cols if c not in ("test_acc", "val_acc")]
+    return cols
+
+
 def to_markdown(rows: list[dict]) -> str:
-    cols = columns_of(rows)
+    cols = shown_columns(rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |" for row in rows]
     return "\n".join(lines) + "\n"

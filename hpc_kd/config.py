@@ -44,6 +44,38 @@ class ConfigError(ValueError):
 
 
 Init = Literal["first", "uniform", "random"]
+Metric = Literal["accuracy", "macro_f1", "f1", "mcc", "f1_accuracy", "pearson", "spearman", "pearson_spearman"]
+CLASS_METRICS = ("accuracy", "macro_f1", "f1", "mcc", "f1_accuracy")
+REGRESSION_METRICS = ("pearson", "spearman", "pearson_spearman")
+
+#: ``data.name: glue/<task>`` fills these keys (those the config does not set itself): GLUE's
+#: columns, number of labels, metric and validation splits on the hub (``load_dataset("glue",
+#: task)``; its test splits are unlabelled, so validation is the reported split, as in papers).
+GLUE_TASKS: dict[str, dict] = {
+    "cola": {"text_column": "sentence", "num_labels": 2, "metric": "mcc"},
+    "sst2": {"text_column": "sentence", "num_labels": 2, "metric": "accuracy"},
+    "mrpc": {"text_column": "sentence1", "text_pair_column": "sentence2", "num_labels": 2, "metric": "f1_accuracy"},
+    "qqp": {"text_column": "question1", "text_pair_column": "question2", "num_labels": 2, "metric": "f1_accuracy"},
+    "stsb": {"text_column": "sentence1", "text_pair_column": "sentence2", "num_labels": 1, "metric": "pearson_spearman"},
+    "mnli": {"text_column": "premise", "text_pair_column": "hypothesis", "num_labels": 3, "metric": "accuracy",
+             "validation_split": "validation_matched", "also_evaluate": ["validation_mismatched"]},
+    "qnli": {"text_column": "question", "text_pair_column": "sentence", "num_labels": 2, "metric": "accuracy"},
+    "rte": {"text_column": "sentence1", "text_pair_column": "sentence2", "num_labels": 2, "metric": "accuracy"},
+    "wnli": {"text_column": "sentence1", "text_pair_column": "sentence2", "num_labels": 2, "metric": "accuracy"},
+}
+
+
+def glue_preset(data: dict, path: str = "data") -> dict:
+    """``data`` (a data section as written) with its ``glue/<task>`` preset filled in under the
+    keys it leaves out; ``source`` defaults to hf. Other names are returned unchanged."""
+    name = data.get("name")
+    if not isinstance(name, str) or not name.startswith("glue/"):
+        return data
+    task = name.split("/", 1)[1]
+    if task not in GLUE_TASKS:
+        raise ConfigError(f"{path}.name", f"unknown GLUE task {task!r}; allowed: "
+                                          f"{', '.join('glue/' + t for t in GLUE_TASKS)}")
+    return {"source": "hf", **GLUE_TASKS[task], **data}
 InitFrom = Literal["teacher", "pretrained"]
 
 
@@ -55,7 +87,9 @@ class DataConfig:
     #: (datasets.load_dataset) or a local dataset folder; local: csv / jsonl / parquet files.
     source: Literal["embedded", "hf", "local"] = "embedded"
     #: embedded: "rotten_tomatoes"; hf: a hub dataset "path/config" such as "glue/sst2"
-    #: (or a local dataset folder); local: a free label used in fingerprints.
+    #: (or a local dataset folder); local: a free label used in fingerprints. glue/<task> (cola,
+    #: sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) fills the task's columns, labels, metric and
+    #: splits where the config leaves them out (README: GLUE).
     name: str = "rotten_tomatoes"
     #: local: the training file (csv, jsonl or parquet).
     train_file: str | None = None
@@ -69,11 +103,15 @@ class DataConfig:
     validation_split: str = "validation"
     #: hf: a labelled test split's name; null: none (GLUE's test split is unlabelled).
     test_split: str | None = None
-    #: the column holding the sentence ("sentence" for GLUE SST-2).
+    #: the column holding the sentence ("sentence" for GLUE SST-2; the first sentence of a pair).
     text_column: str = "text"
-    #: the column holding the class label: an integer in [0, num_labels), or a string of label_names.
+    #: the column holding a pair task's second sentence ("sentence2" for MRPC); the two are
+    #: tokenised as one pair. null: single sentences.
+    text_pair_column: str | None = None
+    #: the column holding the label: a class (an integer in [0, num_labels), or a string of
+    #: label_names), or a real number when num_labels is 1.
     label_column: str = "label"
-    #: number of classes (>= 2).
+    #: number of classes (>= 2); 1: regression (STS-B): one output, trained with squared error.
     num_labels: int = 2
     #: string labels in class order (e.g. [neg, pos]: "neg" is class 0); null: labels are integers.
     label_names: tuple[str, ...] | None = None
@@ -83,6 +121,14 @@ class DataConfig:
     max_train_examples: int | None = None
     #: cap on validation and on test examples (a deterministic subset); null keeps all.
     max_eval_examples: int | None = None
+    #: the task's metric: it picks the best epoch, stops early and heads every table. accuracy,
+    #: macro_f1, f1 (of class 1), mcc (Matthews), f1_accuracy (their mean: MRPC, QQP) for
+    #: classes; pearson, spearman, pearson_spearman (their mean: STS-B) for regression. null:
+    #: accuracy, or pearson_spearman when num_labels is 1.
+    metric: Metric | None = None
+    #: further labelled splits to evaluate the best model on, beside validation (hf: split names,
+    #: e.g. MNLI's validation_mismatched; local: files, named by their stem).
+    also_evaluate: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.source == "embedded" and self.name != "rotten_tomatoes":
@@ -95,7 +141,21 @@ class DataConfig:
                 value = getattr(self, key)
                 if value is not None and not value.endswith((".csv", ".jsonl", ".json", ".parquet")):
                     raise ConfigError(key, f"unsupported file type {value!r}; allowed: .csv, .jsonl, .parquet")
-        _at_least(self, "num_labels", 2)
+        _at_least(self, "num_labels", 1)
+        if self.metric is not None:
+            allowed = REGRESSION_METRICS if self.num_labels == 1 else CLASS_METRICS
+            if self.metric not in allowed:
+                kind = "regression (num_labels 1)" if self.num_labels == 1 else f"{self.num_labels} classes"
+                raise ConfigError("metric", f"{self.metric!r} does not fit {kind}; allowed: {', '.join(allowed)}")
+            if self.metric in ("f1", "f1_accuracy") and self.num_labels != 2:
+                raise ConfigError("metric", f"{self.metric!r} needs 2 classes (F1 of class 1); for "
+                                            f"{self.num_labels} use macro_f1")
+        if self.num_labels == 1 and self.label_names is not None:
+            raise ConfigError("label_names", "a regression task (num_labels 1) has no class names")
+        if self.source == "local":
+            for value in self.also_evaluate:
+                if not value.endswith((".csv", ".jsonl", ".json", ".parquet")):
+                    raise ConfigError("also_evaluate", f"unsupported file type {value!r}; allowed: .csv, .jsonl, .parquet")
         if self.label_names is not None:
             if len(set(self.label_names)) != len(self.label_names):
                 raise ConfigError("label_names", f"names must be distinct, got {list(self.label_names)}")
@@ -105,6 +165,18 @@ class DataConfig:
         _at_least(self, "max_length", 8)
         _at_least(self, "max_train_examples", 1)
         _at_least(self, "max_eval_examples", 1)
+        if self.source == "embedded" and (self.text_pair_column is not None or self.also_evaluate):
+            raise ConfigError("text_pair_column" if self.text_pair_column is not None else "also_evaluate",
+                              "the embedded data has single sentences and no further splits")
+
+    @property
+    def regression(self) -> bool:
+        return self.num_labels == 1
+
+    @property
+    def headline_metric(self) -> str:
+        """``metric``, or its default for the task kind."""
+        return self.metric or ("pearson_spearman" if self.regression else "accuracy")
 
 
 @dataclass(frozen=True)
@@ -152,7 +224,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     #: gradients are clipped to this global norm.
     max_grad_norm: float = 1.0
-    #: early stopping: epochs without a better validation accuracy before stopping.
+    #: early stopping: epochs without a better validation score (data.metric) before stopping.
     patience: int = 2
     #: run under DeepSpeed (several ranks, ZeRO, mixed precision); None: one process, plain PyTorch
     #: (a job started on several ranks uses DeepSpeed's defaults then).
@@ -371,6 +443,8 @@ def from_dict(cls, data: Any, path: str = ""):
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(path, f"expected a mapping, got {type(data).__name__}")
+    if cls is DataConfig:
+        data = glue_preset(data, path)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}

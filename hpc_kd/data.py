@@ -10,6 +10,10 @@ Sources:
 - ``local``: csv / jsonl / parquet files with configurable text and label columns; ids from an
   ``idx`` or ``id`` column when present, else the row index.
 
+A pair task (``data.text_pair_column``) has a second text per example, tokenised with the first as
+one pair (with token type ids where the tokenizer makes them). A regression task
+(``num_labels: 1``) has real-valued labels (float64 here, float32 in batches).
+
 Tokenisation keeps unpadded token ids; batches are grouped by length and padded per batch.
 """
 from __future__ import annotations
@@ -27,23 +31,30 @@ from .config import ConfigError, DataConfig
 class Split:
     ids: np.ndarray  # int64, unique
     texts: list[str]
-    labels: np.ndarray  # int64
+    labels: np.ndarray  # int64 classes, or float64 for regression
+    pairs: list[str] | None = None  # a pair task's second texts
 
     def __len__(self):
         return len(self.texts)
 
     def fingerprint(self) -> str:
-        """A hash of the split's content: ids, texts and labels, in order."""
+        """A hash of the split's content: ids, texts (and second texts), labels, in order."""
         h = hashlib.sha256()
         h.update(self.ids.astype("<i8").tobytes())
-        h.update(self.labels.astype("<i8").tobytes())
+        h.update(self.labels.astype("<f8" if self.labels.dtype.kind == "f" else "<i8").tobytes())
         for text in self.texts:
             h.update(text.encode("utf-8"))
             h.update(b"\0")
+        if self.pairs is not None:
+            h.update(b"\1pairs")
+            for text in self.pairs:
+                h.update(text.encode("utf-8"))
+                h.update(b"\0")
         return h.hexdigest()[:16]
 
     def subset(self, index: np.ndarray) -> "Split":
-        return Split(self.ids[index], [self.texts[i] for i in index], self.labels[index])
+        pairs = None if self.pairs is None else [self.pairs[i] for i in index]
+        return Split(self.ids[index], [self.texts[i] for i in index], self.labels[index], pairs)
 
 
 def embedded_csv() -> Path:
@@ -71,12 +82,33 @@ def _row(where: str, i: int) -> str:
     return f"{where}, row {i + 1}" + (f" (line {i + 2})" if where.endswith(".csv") else "")
 
 
+def _targets(values, cfg: DataConfig, where: str) -> np.ndarray:
+    """A regression task's labels: real numbers, none missing and all finite."""
+    import math
+
+    key = f"data.label_column ({cfg.label_column!r})"
+    out = np.empty(len(values), dtype=np.float64)
+    for i, value in enumerate(values):
+        if value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip()):
+            raise ConfigError(key, f"{_row(where, i)}: the label is missing")
+        try:
+            number = float(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or isinstance(value, (bool, np.bool_)) or not math.isfinite(number):
+            raise ConfigError(key, f"{_row(where, i)}: label {value!r} is not a finite number (num_labels 1 is regression)")
+        out[i] = number
+    return out
+
+
 def _labels(values, cfg: DataConfig, where: str) -> np.ndarray:
     """Class indices from a label column, refusing what would be silently wrong: a missing
     label, a non-integer number (1.5), a string without ``label_names`` (or not among them), a
-    class outside [0, num_labels)."""
+    class outside [0, num_labels). Regression labels: :func:`_targets`."""
     import math
 
+    if cfg.regression:
+        return _targets(values, cfg, where)
     key = f"data.label_column ({cfg.label_column!r})"
     names = {name: i for i, name in enumerate(cfg.label_names or ())}
     out = np.empty(len(values), dtype=np.int64)
@@ -112,8 +144,9 @@ def _labels(values, cfg: DataConfig, where: str) -> np.ndarray:
 
 
 def _from_frame(frame, cfg: DataConfig, where: str) -> Split:
-    for key, column in (("text_column", cfg.text_column), ("label_column", cfg.label_column)):
-        if column not in frame.columns:
+    for key, column in (("text_column", cfg.text_column), ("text_pair_column", cfg.text_pair_column),
+                        ("label_column", cfg.label_column)):
+        if column is not None and column not in frame.columns:
             raise ConfigError(f"data.{key}", f"column {column!r} not in {where}; columns: {', '.join(map(str, frame.columns))}")
     if len(frame) == 0:
         raise ConfigError("data", f"{where} has no rows")
@@ -121,11 +154,14 @@ def _from_frame(frame, cfg: DataConfig, where: str) -> Split:
     ids = frame[id_column].to_numpy(dtype=np.int64) if id_column else np.arange(len(frame), dtype=np.int64)
     if len(np.unique(ids)) != len(ids):
         raise ConfigError("data", f"example ids in {where} are not unique")
-    texts = frame[cfg.text_column].tolist()
-    for i, text in enumerate(texts):
-        if not isinstance(text, str) or not text.strip():
-            raise ConfigError(f"data.text_column ({cfg.text_column!r})", f"{_row(where, i)}: the text is empty")
-    return Split(ids, texts, _labels(frame[cfg.label_column].tolist(), cfg, where))
+    columns = {"text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column}
+    texts = {key: frame[column].tolist() for key, column in columns.items() if column is not None}
+    for key, values in texts.items():
+        for i, text in enumerate(values):
+            if not isinstance(text, str) or not text.strip():
+                raise ConfigError(f"data.{key} ({columns[key]!r})", f"{_row(where, i)}: the text is empty")
+    return Split(ids, texts["text_column"], _labels(frame[cfg.label_column].tolist(), cfg, where),
+                 texts.get("text_pair_column"))
 
 
 def _read_file(path: str):
@@ -156,8 +192,19 @@ def _read_file(path: str):
         raise ConfigError("data", f"{path} cannot be read: {str(err).splitlines()[0]}") from None
 
 
+def extra_splits(cfg: DataConfig) -> dict[str, str]:
+    """The further evaluation splits of ``data.also_evaluate``: result name -> hf split or file
+    (a file is named by its stem)."""
+    names = {(Path(v).stem if cfg.source == "local" else v): v for v in cfg.also_evaluate}
+    for name in names:
+        if name in ("train", "validation", "test"):
+            raise ConfigError("data.also_evaluate", f"{name!r} would shadow the {name} split; rename it")
+    return names
+
+
 def _load_local(cfg: DataConfig) -> dict[str, Split]:
-    files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
+    files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file,
+             **extra_splits(cfg)}
     return {name: _from_frame(_read_file(path), cfg, path) for name, path in files.items() if path}
 
 
@@ -168,13 +215,15 @@ def _load_hf(cfg: DataConfig) -> dict[str, Split]:
         dataset = datasets.load_dataset(str(Path(cfg.name).expanduser()))
     else:  # the real hub path used on clusters, e.g. load_dataset("glue", "sst2")
         dataset = datasets.load_dataset(*cfg.name.split("/", 1))
-    names = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split}
+    names = {"train": cfg.train_split, "validation": cfg.validation_split, "test": cfg.test_split,
+             **extra_splits(cfg)}
     out = {}
     for split, hf_name in names.items():
         if hf_name is None:
             continue
         if hf_name not in dataset:
-            raise ConfigError(f"data.{split}_split", f"{hf_name!r} not in {cfg.name}; splits: {', '.join(dataset)}")
+            key = f"data.{split}_split" if split in ("train", "validation", "test") else "data.also_evaluate"
+            raise ConfigError(key, f"{hf_name!r} not in {cfg.name}; splits: {', '.join(dataset)}")
         out[split] = _from_frame(dataset[hf_name].to_pandas(), cfg, f"{cfg.name}[{hf_name}]")
     return out
 
@@ -193,6 +242,11 @@ def check_data(cfg: DataConfig) -> None:
     if cfg.source != "local":  # the embedded data is known; a hub dataset is read on the cluster
         return
     train = load_splits(cfg)["train"]
+    if cfg.regression:
+        if np.ptp(train.labels) == 0:
+            raise ConfigError("data.train_file", f"{cfg.train_file}: every one of its {len(train)} rows has label "
+                                                 f"{train.labels[0]}: a regression cannot learn from one value")
+        return
     classes = np.unique(train.labels)
     if len(classes) < 2:
         raise ConfigError("data.train_file", f"{cfg.train_file}: every one of its {len(train)} rows has label "
@@ -215,12 +269,14 @@ def load_splits(cfg: DataConfig) -> dict[str, Split]:
 
 @dataclass(frozen=True)
 class Encoded:
-    """A tokenised split: unpadded token ids per example, plus ids and labels."""
+    """A tokenised split: unpadded token ids per example (and token type ids for a pair task,
+    when the tokenizer makes them), plus ids and labels."""
 
     ids: np.ndarray
     tokens: list[np.ndarray]
     labels: np.ndarray
     pad_id: int
+    types: list[np.ndarray] | None = None
 
     def __len__(self):
         return len(self.tokens)
@@ -234,22 +290,36 @@ class Encoded:
         width = max(len(self.tokens[i]) for i in index)
         input_ids = np.full((len(index), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(index), width), dtype=np.int64)
+        types = np.zeros((len(index), width), dtype=np.int64) if self.types is not None else None
         for row, i in enumerate(index):
             tokens = self.tokens[i]
             input_ids[row, : len(tokens)] = tokens
             mask[row, : len(tokens)] = 1
-        return {
+            if types is not None:
+                types[row, : len(tokens)] = self.types[i]
+        labels = self.labels[index]
+        batch = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(mask),
-            "labels": torch.from_numpy(self.labels[index]),
+            "labels": torch.from_numpy(labels.astype(np.float32) if labels.dtype.kind == "f" else labels),
             "example_ids": torch.from_numpy(self.ids[index]),
         }
+        if types is not None:
+            batch["token_type_ids"] = torch.from_numpy(types)
+        return batch
 
 
 def encode(split: Split, tokenizer, max_length: int) -> Encoded:
-    out = tokenizer(split.texts, truncation=True, max_length=max_length)
+    """Token ids per example; a pair task's two texts as one pair, truncated longest-first."""
+    if split.pairs is None:
+        out = tokenizer(split.texts, truncation=True, max_length=max_length)
+    else:
+        out = tokenizer(split.texts, split.pairs, truncation="longest_first", max_length=max_length)
     tokens = [np.asarray(t, dtype=np.int64) for t in out["input_ids"]]
-    return Encoded(split.ids, tokens, split.labels, int(tokenizer.pad_token_id or 0))
+    types = None
+    if split.pairs is not None and "token_type_ids" in out:
+        types = [np.asarray(t, dtype=np.int64) for t in out["token_type_ids"]]
+    return Encoded(split.ids, tokens, split.labels, int(tokenizer.pad_token_id or 0), types)
 
 
 def train_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -276,11 +346,18 @@ def eval_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 @dataclass(frozen=True)
 class Dataset:
-    """All splits of a dataset, tokenised, with their content fingerprints."""
+    """All splits of a dataset, tokenised, with their content fingerprints, the number of labels
+    (1: regression) and the task's metric."""
 
     encoded: dict[str, Encoded]
     fingerprints: dict[str, str]
     num_labels: int
+    metric: str = "accuracy"
+
+    @property
+    def reported(self) -> list[str]:
+        """The splits the best model is evaluated on at the end: validation, test, the others."""
+        return [name for name in self.encoded if name != "train"]
 
     @classmethod
     def build(cls, cfg: DataConfig, tokenizer) -> "Dataset":
@@ -289,4 +366,5 @@ class Dataset:
             {name: encode(split, tokenizer, cfg.max_length) for name, split in splits.items()},
             {name: split.fingerprint() for name, split in splits.items()},
             cfg.num_labels,
+            cfg.headline_metric,
         )

@@ -209,7 +209,7 @@ class EngineTrainer(Trainer):
         if self.task.tutor_learns:
             self.task.tutor.trainee.load(folder / "tutor", tag)
             self.task.tutor.model.eval()
-        self.p = Progress(**state["progress"])
+        self.p = Progress.restore(state["progress"])
         torch.set_rng_state(state["rng"][self.world.rank])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda_rng"][self.world.rank])

@@ -19,7 +19,7 @@ import torch
 from . import distributed, losses
 from .config import TrainConfig
 from .data import Dataset, Encoded, eval_batches, train_batches
-from .metrics import classification_metrics
+from .metrics import task_metrics
 from .models import save_model
 from .rundir import RunDir
 from .sources import forward
@@ -103,7 +103,7 @@ class Progress:
     epoch: int = 0
     batch: int = 0  # batches done in the current epoch
     step: int = 0
-    best_accuracy: float = -1.0
+    best_score: float = -math.inf  # the task's metric on validation (data.metric)
     best_epoch: int = -1
     bad_epochs: int = 0
     stopped: bool = False
@@ -113,10 +113,22 @@ class Progress:
     threads: int = 0  # torch CPU threads the run started with (a resumed run keeps them)
     selection: dict = field(default_factory=dict)  # this epoch's counts
 
+    @classmethod
+    def restore(cls, state: dict) -> "Progress":
+        """From a checkpoint's ``progress`` (one written before the task metric kept the best
+        validation accuracy as ``best_accuracy``)."""
+        state = dict(state)
+        if "best_accuracy" in state:
+            state["best_score"] = state.pop("best_accuracy")
+        return cls(**state)
 
-def evaluate(model, data: Encoded, batch_size: int, num_labels: int, device, per_example: bool = False) -> dict:
-    """Metrics of ``model`` on ``data``; ``per_example`` adds ``correct`` (0/1 per example, in the
-    split's order) for paired comparisons between runs. On several ranks each predicts every
+
+def evaluate(model, data: Encoded, batch_size: int, num_labels: int, device, per_example: bool = False,
+             metric: str = "accuracy") -> dict:
+    """Metrics of ``model`` on ``data`` (:func:`hpc_kd.metrics.task_metrics`: ``score`` is
+    ``metric``'s value); ``per_example`` adds, in the split's order, ``pred`` (the predicted class,
+    or value for regression), for classification ``correct`` (0/1) and for a metric other than
+    accuracy ``labels``, for paired comparisons between runs. On several ranks each predicts every
     ``ranks``-th length-sorted batch and every rank computes the metrics from all predictions
     (the one-process numbers); under ZeRO-3 a forward pass is collective, so ranks then run
     equally many batches (repeating one)."""
@@ -132,17 +144,22 @@ def evaluate(model, data: Encoded, batch_size: int, num_labels: int, device, per
     with torch.no_grad():
         for i, index in enumerate(mine):
             batch = {k: v.to(device) for k, v in data.collate(index).items()}
-            pred = forward(model, batch).argmax(-1).cpu()
+            z = forward(model, batch).float()
+            pred = (z[:, 0] if num_labels == 1 else z.argmax(-1)).to(torch.float64).cpu()
             if i * world.size + world.rank < len(batches):  # not a repeat
-                found.append(torch.stack([torch.as_tensor(index), pred], dim=1))
+                found.append(torch.stack([torch.as_tensor(index, dtype=torch.float64), pred], dim=1))
     model.train(was_training)
-    local = torch.cat(found) if found else torch.zeros((0, 2), dtype=torch.int64)
+    local = torch.cat(found) if found else torch.zeros((0, 2), dtype=torch.float64)
     table = distributed.gather_rows(local)
-    preds = np.zeros(len(data), dtype=np.int64)
-    preds[table[:, 0].numpy()] = table[:, 1].numpy()
-    metrics = classification_metrics(data.labels, preds, num_labels)
+    preds = np.zeros(len(data), dtype=np.float64 if num_labels == 1 else np.int64)
+    preds[table[:, 0].numpy().astype(np.int64)] = table[:, 1].numpy()
+    metrics = task_metrics(data.labels, preds, num_labels, metric)
     if per_example:
-        metrics["correct"] = (preds == data.labels).astype(int).tolist()
+        metrics["pred"] = preds.tolist()
+        if num_labels > 1:
+            metrics["correct"] = (preds == data.labels).astype(int).tolist()
+        if metric != "accuracy":  # what a bootstrap of another metric needs beside the predictions
+            metrics["labels"] = data.labels.tolist()
     return metrics
 
 
@@ -194,7 +211,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
-        self.p = Progress(**state["progress"])
+        self.p = Progress.restore(state["progress"])
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -284,7 +301,7 @@ class Trainer:
 
     def _evaluate(self, model, split: str, per_example: bool = False) -> dict:
         return evaluate(model, self.data.encoded[split], self.cfg.eval_batch_size, self.data.num_labels, self.device,
-                        per_example=per_example)
+                        per_example=per_example, metric=self.data.metric)
 
     def _save(self, model, path) -> None:
         save_model(model, self.tokenizer, path)
@@ -294,23 +311,26 @@ class Trainer:
         model.eval()
         with torch.no_grad():
             batch = {k: v.to(self.device) for k, v in self.data.encoded["train"].collate(self.probe).items()}
-            value = float(losses.cross_entropy(forward(model, batch), batch["labels"]).mean())
+            value = float(losses.gold_loss(forward(model, batch), batch["labels"]).mean())
         model.train()
         return value
 
     def _end_epoch(self) -> None:
         """Validate, keep the best model, early-stop, record the epoch, checkpoint."""
         val = self._evaluate(self.student.model, "validation")
-        improved = val["accuracy"] > self.p.best_accuracy
+        improved = val["score"] > self.p.best_score
         if improved:
-            self.p.best_accuracy, self.p.best_epoch, self.p.bad_epochs = val["accuracy"], self.p.epoch, 0
+            self.p.best_score, self.p.best_epoch, self.p.bad_epochs = val["score"], self.p.epoch, 0
             self._save(self.student.model, self.run.model)
             if self.task.tutor_learns:
                 self._save(self.task.tutor.model, self.run.tutor)  # the tutor paired with it
         else:
             self.p.bad_epochs += 1
         record = {"type": "epoch", "epoch": self.p.epoch, "step": self.p.step, "improved": improved,
-                  "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"], "val_collapsed": val["collapsed"]}
+                  f"val_{val['metric']}": val["score"], "val_collapsed": val["collapsed"]}
+        for name in ("accuracy", "macro_f1"):  # beside the task's metric, for classes
+            if name in val:
+                record[f"val_{name}"] = val[name]
         if self.task.teacher is not None:
             sel = self.p.selection
             record["selection"] = {**sel, "teacher_share": sel["teacher_weight"] / max(1, sel["examples"])}
@@ -327,9 +347,8 @@ class Trainer:
         best = load_classifier(self.run.model).to(self.device)
         result = {"kind": self.task.kind, "threads": self.p.threads, "best_epoch": self.p.best_epoch, "epochs_run": self.p.epoch,
                   "steps": self.p.step, "train_seconds": round(seconds, 2)}
-        for split in ("validation", "test"):
-            if split in self.data.encoded:
-                result[split] = self._evaluate(best, split, per_example=True)
+        for split in self.data.reported:  # validation, test, data.also_evaluate
+            result[split] = self._evaluate(best, split, per_example=True)
         epochs = [m for m in self.run.metrics() if m["type"] == "epoch"]
         if self.task.teacher is not None:
             result["selection_per_epoch"] = [m["selection"] for m in epochs]

@@ -1,15 +1,58 @@
-"""Classification metrics from predictions: accuracy, per-class and macro precision / recall / F1,
-the confusion matrix, and the collapse flag (a model that predicts a single class)."""
+"""Metrics from predictions, and each task's headline ``score``.
+
+Classification: accuracy, per-class and macro precision / recall / F1, F1 of class 1 (binary
+tasks: MRPC, QQP), Matthews correlation (CoLA; the multi-class form, as scikit-learn computes it),
+the confusion matrix and the collapse flag (a model that predicts a single class). Regression
+(STS-B): Pearson and Spearman correlation (scipy), mean squared error, and its collapse flag (a
+model whose predictions are constant). Golden values, checked against scikit-learn and scipy, are
+in ``tests/test_metrics.py``.
+
+:data:`SCORES` turns a metrics dict into the one number a task is judged by (``data.metric``):
+it picks the best epoch, stops early and heads the tables.
+"""
 from __future__ import annotations
 
 import numpy as np
+
+SCORES = {
+    "accuracy": lambda m: m["accuracy"],
+    "macro_f1": lambda m: m["macro_f1"],
+    "f1": lambda m: m["f1_pos"],
+    "mcc": lambda m: m["mcc"],
+    "f1_accuracy": lambda m: (m["f1_pos"] + m["accuracy"]) / 2,
+    "pearson": lambda m: m["pearson"],
+    "spearman": lambda m: m["spearman"],
+    "pearson_spearman": lambda m: (m["pearson"] + m["spearman"]) / 2,
+}
+
+
+def task_metrics(labels, preds, num_labels: int, metric: str = "accuracy") -> dict:
+    """Every metric of the task kind, plus ``metric`` (its name) and ``score`` (its value)."""
+    out = regression_metrics(labels, preds) if num_labels == 1 else classification_metrics(labels, preds, num_labels)
+    out["metric"] = metric
+    out["score"] = float(SCORES[metric](out))
+    return out
+
+
+def _check(labels, preds) -> None:
+    if labels.shape != preds.shape or labels.size == 0:
+        raise ValueError("labels and predictions must be non-empty and of the same length")
+
+
+def mcc(confusion: np.ndarray) -> float:
+    """Matthews correlation from a confusion matrix (rows true, columns predicted), in its
+    multi-class form (Gorodkin 2004): 0 when it is undefined (one row or column only)."""
+    c = confusion.astype(float)
+    s, correct = c.sum(), np.trace(c)
+    p, t = c.sum(axis=0), c.sum(axis=1)
+    denom = np.sqrt((s * s - (p * p).sum()) * (s * s - (t * t).sum()))
+    return float((correct * s - (p * t).sum()) / denom) if denom > 0 else 0.0
 
 
 def classification_metrics(labels, preds, num_labels: int) -> dict:
     labels = np.asarray(labels, dtype=np.int64)
     preds = np.asarray(preds, dtype=np.int64)
-    if labels.shape != preds.shape or labels.size == 0:
-        raise ValueError("labels and predictions must be non-empty and of the same length")
+    _check(labels, preds)
     confusion = np.zeros((num_labels, num_labels), dtype=np.int64)  # rows: true, columns: predicted
     np.add.at(confusion, (labels, preds), 1)
     tp = np.diag(confusion).astype(float)
@@ -20,7 +63,7 @@ def classification_metrics(labels, preds, num_labels: int) -> dict:
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
     classes_predicted = int((predicted > 0).sum())
-    return {
+    out = {
         "n": int(labels.size),
         "accuracy": float(tp.sum() / labels.size),
         "precision": precision.tolist(),
@@ -29,9 +72,73 @@ def classification_metrics(labels, preds, num_labels: int) -> dict:
         "macro_precision": float(precision.mean()),
         "macro_recall": float(recall.mean()),
         "macro_f1": float(f1.mean()),
+        "mcc": mcc(confusion),
         "confusion": confusion.tolist(),
         "classes_predicted": classes_predicted,
         # The paper's TEID student predicted one class for every sentence: flag it, so it is
         # never read as a merely low accuracy.
         "collapsed": classes_predicted <= 1,
     }
+    if num_labels == 2:
+        out["f1_pos"] = float(f1[1])  # GLUE's F1 (MRPC, QQP): of the positive class
+    return out
+
+
+def regression_metrics(labels, preds) -> dict:
+    """Pearson and Spearman correlation (0 when a side is constant, where they are undefined),
+    MSE, and ``collapsed``: the predictions are constant (to 1e-6 of the labels' spread)."""
+    from scipy.stats import pearsonr, spearmanr
+
+    labels = np.asarray(labels, dtype=np.float64)
+    preds = np.asarray(preds, dtype=np.float64)
+    _check(labels, preds)
+    collapsed = bool(np.std(preds) <= 1e-6 * np.std(labels))
+    undefined = collapsed or labels.size < 2 or np.std(labels) == 0
+    return {
+        "n": int(labels.size),
+        "pearson": 0.0 if undefined else float(pearsonr(labels, preds)[0]),
+        "spearman": 0.0 if undefined else float(spearmanr(labels, preds)[0]),
+        "mse": float(np.mean((preds - labels) ** 2)),
+        "collapsed": collapsed,
+    }
+
+
+def resampled_scores(metric: str, labels, preds, idx: np.ndarray, num_labels: int | None = None) -> np.ndarray:
+    """``metric``'s score on each bootstrap resample: row ``b`` of ``idx`` picks the examples of
+    resample ``b``. Vectorised over resamples (the paired bootstrap runs thousands); equal to
+    :func:`task_metrics`' score on each resample (a test checks it)."""
+    y = np.asarray(labels)[idx]
+    p = np.asarray(preds)[idx]
+    if metric in ("pearson", "spearman", "pearson_spearman"):
+        def corr(a, b):
+            a = a - a.mean(axis=1, keepdims=True)
+            b = b - b.mean(axis=1, keepdims=True)
+            den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+            return np.divide((a * b).sum(axis=1), den, out=np.zeros(len(a)), where=den > 0)
+
+        from scipy.stats import rankdata
+
+        pearson = corr(y, p) if metric != "spearman" else 0.0
+        spearman = corr(rankdata(y, axis=1), rankdata(p, axis=1)) if metric != "pearson" else 0.0
+        return {"pearson": pearson, "spearman": spearman, "pearson_spearman": (pearson + spearman) / 2}[metric]
+    y, p = y.astype(np.int64), p.astype(np.int64)
+    k = num_labels or int(max(np.max(labels), np.max(preds))) + 1
+    n = y.shape[1]
+    confusion = np.stack([np.stack([((y == i) & (p == j)).sum(axis=1) for j in range(k)], axis=1)
+                          for i in range(k)], axis=1).astype(float)  # [B, true, predicted]
+    tp = np.diagonal(confusion, axis1=1, axis2=2)
+    predicted, actual = confusion.sum(axis=1), confusion.sum(axis=2)
+    accuracy = tp.sum(axis=1) / n
+    if metric == "accuracy":
+        return accuracy
+    if metric == "mcc":
+        cov = tp.sum(axis=1) * n - (predicted * actual).sum(axis=1)
+        den = np.sqrt((n * n - (predicted ** 2).sum(axis=1)) * (n * n - (actual ** 2).sum(axis=1)))
+        return np.divide(cov, den, out=np.zeros(len(cov)), where=den > 0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
+    if metric == "macro_f1":
+        return f1.mean(axis=1)
+    f1_pos = f1[:, 1] if f1.shape[1] > 1 else np.zeros(len(f1))
+    return f1_pos if metric == "f1" else (f1_pos + accuracy) / 2

@@ -5,6 +5,10 @@ labels) and returns ``w``, one weight per example in [0, 1]: 1 means "learn from
 0 "learn from the tutor". The student's loss is ``mean(w · L_T + (1 − w) · L_U)``; in online
 tutor mode the tutor takes a KD step toward the teacher on the examples where ``w > 0``.
 
+Every policy is defined for regression (one output, STS-B) too: the losses are then squared
+errors (to each source's prediction, mixed with the gold one), compared like any other loss;
+``correct_first`` and the confidence ``ensemble`` say below what they do there.
+
 A batch-level policy returns all ones or all zeros. A policy with ``mixes_targets`` instead
 mixes the two target distributions with ``w`` (the ensemble). A policy with a ``probe`` is told
 the student's progress on a held-out slice after every step (``feedback``, the bandit). A policy
@@ -141,13 +145,19 @@ class NormalizedPolicy(Policy):
 
 class CorrectFirstPolicy(Policy):
     """Per example: the source whose prediction is right on the gold label; when both or neither
-    are right, the one with the lower distillation loss (ties to the tutor)."""
+    are right, the one with the lower distillation loss (ties to the tutor). Regression has no
+    "right": the source whose prediction is strictly closer to the gold value counts as right."""
 
     name = "correct_first"
 
     def select(self, sel: Selection) -> torch.Tensor:
-        t_right = sel.z_teacher.argmax(-1) == sel.labels
-        u_right = sel.z_tutor.argmax(-1) == sel.labels
+        if sel.z_teacher.shape[-1] == 1:
+            err_t = (sel.z_teacher[:, 0] - sel.labels).abs()
+            err_u = (sel.z_tutor[:, 0] - sel.labels).abs()
+            t_right, u_right = err_t < err_u, err_u < err_t
+        else:
+            t_right = sel.z_teacher.argmax(-1) == sel.labels
+            u_right = sel.z_tutor.argmax(-1) == sel.labels
         lower = sel.loss_teacher < sel.loss_tutor
         pick = torch.where(t_right == u_right, lower, t_right)
         return pick.to(sel.loss_teacher.dtype)
@@ -199,7 +209,9 @@ class AnnealPolicy(Policy):
 class EnsemblePolicy(Policy):
     """Targets from a weighted mix of the two distributions,
     ``p = w · softmax(z_T/τ) + (1 − w) · softmax(z_U/τ)``, with ``w`` fixed (``weight``) or, when
-    ``weight`` is None, per example by confidence: ``w = c_T / (c_T + c_U)``, c the max probability."""
+    ``weight`` is None, per example by confidence: ``w = c_T / (c_T + c_U)``, c the max probability.
+    Regression mixes the two predictions, ``w · z_T + (1 − w) · z_U``; one output carries no
+    confidence, so there ``weight`` None is an even mix (w = 0.5)."""
 
     name = "ensemble"
     mixes_targets = True
@@ -211,6 +223,8 @@ class EnsemblePolicy(Policy):
     def select(self, sel: Selection) -> torch.Tensor:
         if self.weight is not None:
             return torch.full_like(sel.loss_teacher, self.weight)
+        if sel.z_teacher.shape[-1] == 1:
+            return torch.full_like(sel.loss_teacher, 0.5)
         c_t = sel.z_teacher.softmax(-1).max(-1).values
         c_u = sel.z_tutor.softmax(-1).max(-1).values
         return (c_t / (c_t + c_u)).to(sel.loss_teacher.dtype)
@@ -218,8 +232,8 @@ class EnsemblePolicy(Policy):
 
 class BanditPolicy(Policy):
     """UCB1 over the two sources. After each step the trainer reports the reward, the drop in the
-    student's cross-entropy on a held-out slice of the training data (``probe`` examples kept out
-    of training); the source with the highest ``mean reward + c · scale · sqrt(2 ln t / n)`` is
+    student's gold loss (cross-entropy; squared error for regression) on a held-out slice of the
+    training data (``probe`` examples kept out of training); the source with the highest ``mean reward + c · scale · sqrt(2 ln t / n)`` is
     picked for the next batch (each source is tried once first). ``scale`` is the running mean
     absolute reward, so ``c`` does not depend on the loss scale."""
 

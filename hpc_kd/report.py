@@ -4,13 +4,19 @@ The headline split is **test** where every finished student has a labelled test 
 embedded data has one), else **validation**, which also picked each run's best epoch and
 stopped it: the tables say so in their header. Validation stays beside the test numbers.
 
-- ``summary``: per (depth, iteration and chain, policy, tutor mode, other axes) over seeds: n,
-  mean ± std of headline accuracy and macro-F1 and of validation accuracy, collapsed runs, mean
-  teacher share.
-- ``paired_vs_kd``: each policy against plain KD (policy ``teacher``) at the same depth,
-  iteration, chain and seed: the mean paired difference in headline accuracy with two 95%
+Every number is the task's metric (``data.metric``, the ``score`` of
+:func:`hpc_kd.metrics.task_metrics`: accuracy unless the task says otherwise, e.g. Matthews
+correlation for CoLA, the mean of Pearson and Spearman for STS-B).
+
+- ``summary``: per (task, depth, iteration and chain, policy, tutor mode, other axes) over seeds:
+  n, mean ± std of the headline score and macro-F1 and of the validation score, collapsed runs,
+  mean teacher share.
+- ``paired_vs_kd``: each policy against plain KD (policy ``teacher``) at the same task, depth,
+  iteration, chain and seed: the mean paired difference in the headline score with two 95%
   intervals, a t interval over seeds and a paired bootstrap that resamples both sentences of the
-  headline split and seeds.
+  headline split and seeds (the metric recomputed on every resample).
+- ``cross_task``: for a sweep over several tasks (``grid: {data.name: [...]}``), one table with a
+  column per task (MNLI matched and mismatched apart) and the GLUE average, as papers print it.
 - ``write_report``: ``summary.md`` and PNG plots under ``plots/``.
 """
 from __future__ import annotations
@@ -21,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .metrics import resampled_scores
 from .rundir import SweepDir, write_atomic
 
 GROUP_OMIT = ("seed", "val_acc", "val_macro_f1", "test_acc", "test_macro_f1", "teacher_share", "teacher_batches",
-              "collapsed", "params", "state", "run", "role")
+              "collapsed", "params", "state", "run", "role", "metric")
 SPLIT_KEY = {"test": "test", "validation": "val"}
 
 
@@ -38,11 +45,12 @@ def _t975(df: int) -> float:
 def headline_split(rows: list[dict]) -> str:
     """``test`` when every finished student has test numbers, else ``validation``."""
     done = students_done(rows)
-    return "test" if done and all(r.get("test_acc") is not None for r in done) else "validation"
+    return "test" if done and all(r.get("test_score") is not None for r in done) else "validation"
 
 
 def _group_key(row: dict) -> tuple:
-    return tuple(sorted((k, v) for k, v in row.items() if k not in GROUP_OMIT and not isinstance(v, (list, dict))))
+    return tuple(sorted((k, v) for k, v in row.items()
+                        if k not in GROUP_OMIT and not k.endswith("_score") and not isinstance(v, (list, dict))))
 
 
 def plain_kd(row: dict) -> bool:
@@ -56,8 +64,8 @@ def students_done(rows: list[dict]) -> list[dict]:
 
 
 def summary(rows: list[dict], split: str | None = None) -> list[dict]:
-    """Per group over seeds; ``acc_*`` and ``f1_*`` on ``split`` (default: the headline split),
-    ``val_*`` on validation."""
+    """Per group over seeds; ``score_*`` (the task's metric) and ``f1_*`` (macro-F1, classes only)
+    on ``split`` (default: the headline split), ``val_*`` (the score) on validation."""
     split = split or headline_split(rows)
     k = SPLIT_KEY[split]
     groups = defaultdict(dict)
@@ -68,13 +76,14 @@ def summary(rows: list[dict], split: str | None = None) -> list[dict]:
     for key, by_run in groups.items():
         members = list(by_run.values())
         done = [m for m in members if m["state"] == "done"]
-        acc = np.array([m[f"{k}_acc"] for m in done], dtype=float)
-        f1 = np.array([m[f"{k}_macro_f1"] for m in done], dtype=float)
-        val = np.array([m["val_acc"] for m in done], dtype=float)
+        score = np.array([m[f"{k}_score"] for m in done], dtype=float)
+        f1 = np.array([m[f"{k}_macro_f1"] for m in done if m.get(f"{k}_macro_f1") is not None], dtype=float)
+        val = np.array([m["val_score"] for m in done], dtype=float)
         shares = [m["teacher_share"] for m in done if m["teacher_share"] is not None]
         out.append({**dict(key), "n": len(done), "of": len(members), "split": split,
-                    "acc_mean": float(acc.mean()) if len(acc) else None,
-                    "acc_std": float(acc.std(ddof=1)) if len(acc) > 1 else None,
+                    "metric": next((m["metric"] for m in members if m.get("metric")), "accuracy"),
+                    "score_mean": float(score.mean()) if len(score) else None,
+                    "score_std": float(score.std(ddof=1)) if len(score) > 1 else None,
                     "f1_mean": float(f1.mean()) if len(f1) else None,
                     "f1_std": float(f1.std(ddof=1)) if len(f1) > 1 else None,
                     "val_mean": float(val.mean()) if len(val) else None,
@@ -89,14 +98,17 @@ def _order(r: dict) -> tuple:
             str(r.get("policy")))
 
 
-def _correct(root: Path, run: str, split: str) -> np.ndarray | None:
-    correct = SweepDir(root).run(run).result()[split].get("correct")  # absent in older results
-    return None if correct is None else np.asarray(correct, dtype=float)
+def _per_example(root: Path, run: str, split: str, metric: str) -> np.ndarray | None:
+    """What the bootstrap resamples for one run: 0/1 per example for accuracy, else predictions
+    (absent in older results: None)."""
+    res = SweepDir(root).run(run).result()[split]
+    values = res.get("correct") if metric == "accuracy" else res.get("pred")
+    return None if values is None else np.asarray(values, dtype=float)
 
 
 def paired_vs_kd(root: Path, rows: list[dict], n_boot: int = 4000, seed: int = 0, split: str | None = None) -> list[dict]:
-    """Differences in accuracy on ``split`` (default: the headline split) against plain KD, paired
-    by depth, iteration, chain, other axes and seed."""
+    """Differences in the task's score on ``split`` (default: the headline split) against plain KD,
+    paired by task, depth, iteration, chain, other axes and seed."""
     split = split or headline_split(rows)
     k = SPLIT_KEY[split]
     done = students_done(rows)
@@ -116,7 +128,7 @@ def paired_vs_kd(root: Path, rows: list[dict], n_boot: int = 4000, seed: int = 0
         pairs = [(m, baseline[(base_key, m["seed"])]) for m in members if (base_key, m["seed"]) in baseline]
         if not pairs:
             continue
-        diffs = np.array([m[f"{k}_acc"] - b[f"{k}_acc"] for m, b in pairs])
+        diffs = np.array([m[f"{k}_score"] - b[f"{k}_score"] for m, b in pairs])
         n = len(diffs)
         mean = float(diffs.mean())
         row = {**dict(key), "n": n, "split": split, "diff": mean, "t_low": None, "t_high": None}
@@ -124,14 +136,22 @@ def paired_vs_kd(root: Path, rows: list[dict], n_boot: int = 4000, seed: int = 0
             half = _t975(n - 1) * diffs.std(ddof=1) / math.sqrt(n)
             row["t_low"], row["t_high"] = mean - half, mean + half
         # paired bootstrap: resample sentences (same ones for both models) and seeds
-        per_example = [(_correct(root, m["run"], split), _correct(root, b["run"], split)) for m, b in pairs]
+        metric = pairs[0][0].get("metric") or "accuracy"
+        per_example = [(_per_example(root, m["run"], split, metric), _per_example(root, b["run"], split, metric))
+                       for m, b in pairs]
         row["boot_low"] = row["boot_high"] = None
         if any(a is None or c is None for a, c in per_example):
             out.append(row)
             continue
-        d = np.stack([a - c for a, c in per_example])  # [seeds, sentences]
-        idx = rng.integers(0, d.shape[1], size=(n_boot, d.shape[1]))
-        per_seed = d[:, idx].mean(axis=2)  # [seeds, boot]
+        size = len(per_example[0][0])
+        idx = rng.integers(0, size, size=(n_boot, size))
+        if metric == "accuracy":  # the mean of 0/1 differences, resampled
+            d = np.stack([a - c for a, c in per_example])  # [seeds, sentences]
+            per_seed = d[:, idx].mean(axis=2)  # [seeds, boot]
+        else:  # the metric itself, recomputed on each resample of each seed's pair
+            labels = np.asarray(SweepDir(root).run(pairs[0][0]["run"]).result()[split]["labels"], dtype=float)
+            per_seed = np.stack([resampled_scores(metric, labels, a, idx) - resampled_scores(metric, labels, c, idx)
+                                 for a, c in per_example])
         pick = rng.integers(0, n, size=(n_boot, n))
         boot = per_seed[pick, np.arange(n_boot)[:, None]].mean(axis=1)
         row["boot_low"], row["boot_high"] = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
@@ -150,36 +170,184 @@ SPLIT_NOTE = {"test": "test split (validation picked each run's best epoch; it i
                             "run's best epoch and stopped it, so these numbers are optimistic"}
 
 
+METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "f1": "F1", "mcc": "Matthews corr.",
+                "f1_accuracy": "mean of F1 and accuracy", "pearson": "Pearson", "spearman": "Spearman",
+                "pearson_spearman": "mean of Pearson and Spearman"}
+
+
+def metric_label(rows: list[dict]) -> str:
+    """What the score columns hold: the metric's name when every row shares it, else "score"
+    (each task's own metric; the ``task`` column says which)."""
+    metrics = {r.get("metric") or "accuracy" for r in rows}
+    return METRIC_NAMES[metrics.pop()] if len(metrics) == 1 else "score"
+
+
 def summary_markdown(summ: list[dict], paired: list[dict]) -> str:
     split = (summ or paired or [{"split": "validation"}])[0]["split"]
     chained = any((r.get("iteration") or 1) > 1 for r in summ)
-    head = "| depth | chain | policy | tutor |" if chained else "| depth | policy | tutor |"
-    sep = "|---|---|---|---|" if chained else "|---|---|---|"
+    tasks = any(r.get("task") for r in summ)
+    label = metric_label(summ)
+    lead_cols = ["task"] * tasks + ["depth"] + ["chain"] * chained + ["policy", "tutor"]
+    head = "| " + " | ".join(lead_cols) + " |"
+    sep = "|" + "---|" * len(lead_cols)
 
     def lead(r):
-        cells = [str(r.get("depth")), *([str(r.get("chain"))] if chained else []), str(r.get("policy")),
-                 str(r.get("tutor_update") or "–")]
+        cells = [*([str(r.get("task"))] if tasks else []), str(r.get("depth")), *([str(r.get("chain"))] if chained else []),
+                 str(r.get("policy")), str(r.get("tutor_update") or "–")]
         return "| " + " | ".join(cells) + " |"
 
+    with_f1 = any(r["f1_mean"] is not None for r in summ)
     lines = [f"Headline numbers on the {SPLIT_NOTE[split]}.", "",
-             f"### {split.capitalize()} accuracy over seeds (%, mean ± std)", "",
-             head + f" n | {split} accuracy | {split} macro-F1 |" + (" validation accuracy |" if split == "test" else "")
-             + " teacher share | collapsed |",
-             sep + "---|---|---|" + ("---|" if split == "test" else "") + "---|---|"]
+             f"### {split.capitalize()} {label} over seeds (%, mean ± std)", "",
+             head + f" n | {split} {label} |" + (f" {split} macro-F1 |" if with_f1 else "")
+             + (f" validation {label} |" if split == "test" else "") + " teacher share | collapsed |",
+             sep + "---|---|" + ("---|" if with_f1 else "") + ("---|" if split == "test" else "") + "---|---|"]
     for r in summ:
-        acc = f"{_pct(r['acc_mean'])} ± {_pct(r['acc_std'])}" if r["acc_mean"] is not None else "–"
-        f1 = f"{_pct(r['f1_mean'])} ± {_pct(r['f1_std'])}" if r["f1_mean"] is not None else "–"
+        score = f"{_pct(r['score_mean'])} ± {_pct(r['score_std'])}" if r["score_mean"] is not None else "–"
+        f1 = (f" {_pct(r['f1_mean'])} ± {_pct(r['f1_std'])} |" if r["f1_mean"] is not None else " – |") if with_f1 else ""
         val = f" {_pct(r['val_mean'])} ± {_pct(r['val_std'])} |" if split == "test" else ""
         share = f"{r['teacher_share']:.3f}" if r["teacher_share"] is not None else "–"
         coll = f"**{r['collapsed']}/{r['n']}**" if r["collapsed"] else f"0/{r['n']}"
         n = f"{r['n']}" + (f" (of {r['of']})" if r["of"] != r["n"] else "")
-        lines.append(f"{lead(r)} {n} | {acc} | {f1} |{val} {share} | {coll} |")
-    lines += ["", f"### Difference to plain KD at the same depth, chain and seed ({split} accuracy points, 95% intervals)", "",
-              head + " n | Δ accuracy | t interval | paired bootstrap |", sep + "---|---|---|---|"]
+        lines.append(f"{lead(r)} {n} | {score} |{f1}{val} {share} | {coll} |")
+    lines += ["", f"### Difference to plain KD at the same depth, chain and seed ({split} {label} points, 95% intervals)", "",
+              head + f" n | Δ {label} | t interval | paired bootstrap |", sep + "---|---|---|---|"]
     for r in paired:
         t = f"[{_pct(r['t_low'], True)}, {_pct(r['t_high'], True)}]" if r["t_low"] is not None else "–"
         b = f"[{_pct(r['boot_low'], True)}, {_pct(r['boot_high'], True)}]" if r["boot_low"] is not None else "–"
         lines.append(f"{lead(r)} {r['n']} | {_pct(r['diff'], True)} | {t} | {b} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---- one table across tasks (GLUE) --------------------------------------------------------------
+
+#: GLUE's tasks in the order papers print them, and the columns of each (MNLI: matched and
+#: mismatched, the mismatched score from its ``validation_mismatched`` evaluation).
+GLUE_ORDER = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+GLUE_TITLES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
+               "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
+
+
+def _title(task: str) -> str:
+    return GLUE_TITLES.get(task[5:], task) if task.startswith("glue/") else task
+
+
+def _mismatched(row: dict) -> str | None:
+    """MNLI's second score (its ``data.also_evaluate`` split): the row key, or None."""
+    if row.get("task") != "glue/mnli":
+        return None
+    return next((k for k in row if k.endswith("_score") and k not in ("test_score", "val_score")), None)
+
+
+def _task_columns(rows: list[dict], split: str) -> list[tuple[str, str, str]]:
+    """(column title, task, row key of its score) for every task in the rows, in GLUE's order."""
+    names = sorted({r["task"] for r in rows if r.get("task")},
+                   key=lambda t: (GLUE_ORDER.index(t[5:]) if t.startswith("glue/") and t[5:] in GLUE_ORDER
+                                  else len(GLUE_ORDER), t))
+    k = SPLIT_KEY[split]
+    cols = []
+    for task in names:
+        second = next((m for r in rows if r.get("task") == task and (m := _mismatched(r))), None)
+        if second:
+            cols += [("MNLI-m", task, f"{k}_score"), ("MNLI-mm", task, second)]
+        else:
+            cols.append((_title(task), task, f"{k}_score"))
+    return cols
+
+
+def _task_score(row: dict, split: str) -> float:
+    """A task's GLUE score for the average: its metric, MNLI's matched and mismatched averaged."""
+    second = _mismatched(row)
+    return float(np.mean([row[f"{SPLIT_KEY[split]}_score"], *([row[second]] if second else [])]))
+
+
+def _task_details(rows: list[dict]) -> set[str]:
+    """Columns that only say which task a row is (its data files, when a grid names them beside
+    ``data.name``): one value within each task, and not the same across tasks."""
+    keys = {k for r in rows for k in r if k not in GROUP_OMIT and k != "task"}
+    details = set()
+    for key in keys:
+        per_task = defaultdict(set)  # rows without the key (a teacher's) say nothing
+        for r in rows:
+            if r.get(key) is not None:
+                per_task[r["task"]].add(repr(r[key]))
+        if per_task and all(len(v) == 1 for v in per_task.values()) and len(set.union(*per_task.values())) > 1:
+            details.add(key)
+    return details
+
+
+def cross_task(rows: list[dict], split: str | None = None) -> dict | None:
+    """For rows over several tasks: per model group (role, depth, chain, policy, tutor mode) and
+    task column, the scores over seeds; and per seed the average over tasks (MNLI counting once,
+    as the mean of matched and mismatched: the GLUE score). None for a one-task sweep."""
+    done = [r for r in rows if r["state"] == "done" and r.get("task")]
+    if len({r["task"] for r in done}) < 2:
+        return None
+    split = split or headline_split(rows)
+    cols = _task_columns(done, split)
+    groups: dict = defaultdict(lambda: defaultdict(dict))  # group -> task -> seed -> row
+    details = _task_details(done) | {"task"}
+    for r in done:
+        key = tuple((k, v) for k, v in _group_key(r) if k not in details) + (("role", r["role"]),)
+        groups[key][r["task"]][r.get("seed") or 0] = r
+    tasks = list(dict.fromkeys(task for _, task, _ in cols))
+    out = []
+    for key, by_task in groups.items():
+        cells = {}
+        for title, task, column in cols:
+            values = [r[column] for r in by_task.get(task, {}).values() if r.get(column) is not None]
+            cells[title] = values
+        seeds = set.intersection(*(set(by_task.get(t, {})) for t in tasks))
+        average = [float(np.mean([_task_score(by_task[t][s], split) for t in tasks])) for s in sorted(seeds)]
+        out.append({**dict(key), "cells": cells, "average": average})
+    order = {"teacher": 0, "tutor": 1, "student": 2}
+    out.sort(key=lambda r: (order.get(r["role"], 3), *_order(r)))
+    return {"split": split, "columns": [title for title, _, _ in cols], "groups": out}
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    std = f" ± {100 * np.std(values, ddof=1):.2f}" if len(values) > 1 else ""
+    return f"{100 * np.mean(values):.2f}{std}"
+
+
+def cross_task_markdown(table: dict, rows: list[dict]) -> str:
+    """The cross-task table, and each policy's mean paired difference to plain KD per task."""
+    split, cols = table["split"], table["columns"]
+    head = "| model | depth | policy | tutor | " + " | ".join(cols) + " | average |"
+    sep = "|---|---|---|---|" + "---|" * (len(cols) + 1)
+    lines = [f"### All tasks ({split}, each task's metric, %, mean ± std over seeds)", "",
+             "MNLI counts once in the average, as the mean of matched and mismatched (the GLUE score).", "",
+             head, sep]
+    for g in table["groups"]:
+        name = g["role"] if g["role"] != "student" else f"student{' ' + str(g.get('chain')) if (g.get('iteration') or 1) > 1 else ''}"
+        cells = " | ".join(_mean_std(g["cells"].get(c, [])) for c in cols)
+        lines.append(f"| {name} | {g.get('depth')} | {g.get('policy') or '–'} | {g.get('tutor_update') or '–'} | "
+                     f"{cells} | {_mean_std(g['average'])} |")
+    # paired differences to plain KD per task (and of the average), by depth, chain and seed
+    k = SPLIT_KEY[split]
+    students = [r for r in students_done(rows) if r.get("task")]
+    base = {}
+    for r in students:
+        if plain_kd(r):
+            base[(r["task"], r["depth"], r.get("chain"), r.get("seed"))] = r
+    diffs: dict = defaultdict(lambda: defaultdict(list))
+    for r in students:
+        b = base.get((r["task"], r["depth"], r.get("chain"), r.get("seed")))
+        if plain_kd(r) or b is None:
+            continue
+        group = (r.get("iteration") or 1, -(r["depth"] or 0), str(r.get("chain")), str(r.get("tutor_update")), r["policy"])
+        diffs[group][r["task"]].append((r.get("seed"), r[f"{k}_score"] - b[f"{k}_score"]))
+    if diffs:
+        titles = list(dict.fromkeys(t for _, t, _ in _task_columns(students, split)))
+        lines += ["", f"### Difference to plain KD per task ({split} score points, mean over seeds)", "",
+                  "| depth | chain | policy | tutor | " + " | ".join(_title(t) for t in titles) + " |",
+                  "|---|---|---|---|" + "---|" * len(titles)]
+        for (it, neg_depth, chain, mode, policy), by_task in sorted(diffs.items()):
+            cells = " | ".join(f"{100 * np.mean([d for _, d in by_task[t]]):+.2f} (n={len(by_task[t])})"
+                               if by_task.get(t) else "–" for t in titles)
+            lines.append(f"| {-neg_depth} | {chain} | {policy} | {mode} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -217,9 +385,9 @@ def plot_accuracy_vs_depth(summ: list[dict], path: Path) -> None:
         series = sorted({(r["policy"], r.get("iteration") or 1) for r in summ})
         chained = any(it > 1 for _, it in series)
         for policy, iteration in series:
-            pts = sorted((r["depth"], r["acc_mean"], r["acc_std"] or 0.0) for r in summ
+            pts = sorted((r["depth"], r["score_mean"], r["score_std"] or 0.0) for r in summ
                          if r["policy"] == policy and (r.get("iteration") or 1) == iteration
-                         and r["acc_mean"] is not None and (r.get("tutor_update") in (mode, None)))
+                         and r["score_mean"] is not None and (r.get("tutor_update") in (mode, None)))
             if pts:
                 d, m, s = zip(*pts)
                 ax.errorbar(d, np.array(m) * 100, yerr=np.array(s) * 100, marker="o", capsize=3,
@@ -230,7 +398,7 @@ def plot_accuracy_vs_depth(summ: list[dict], path: Path) -> None:
         ax.set_xlabel("student depth (layers)")
         ax.grid(alpha=0.3)
     split = summ[0]["split"] if summ else "validation"
-    _save_panels(plt, fig, axes, f"{split} accuracy (%), mean ± std over seeds", path)
+    _save_panels(plt, fig, axes, f"{split} {metric_label(summ)} (%), mean ± std over seeds", path)
 
 
 def plot_teacher_share(root: Path, rows: list[dict], path: Path) -> None:
@@ -285,17 +453,25 @@ def write_report(root: str | Path, rows: list[dict]) -> str | None:
         return None
     summ = summary(rows)
     paired = paired_vs_kd(root, rows)
-    text = summary_markdown(summ, paired)
+    table = cross_task(rows)
+    text = (cross_task_markdown(table, rows) + "\n" if table else "") + summary_markdown(summ, paired)
     write_atomic(sweep.summary_file, text)
     plots = sweep.plots
     plots.mkdir(exist_ok=True)
-    plot_accuracy_vs_depth(summ, plots / "accuracy_vs_depth.png")
+    for old in plots.glob("accuracy_vs_depth*.png"):
+        old.unlink()
+    tasks = sorted({r.get("task") for r in summ if r.get("task")})
+    if len(tasks) > 1:  # one plot per task: their metrics differ
+        for task in tasks:
+            plot_accuracy_vs_depth([r for r in summ if r.get("task") == task],
+                                   plots / f"accuracy_vs_depth_{task.replace('/', '_')}.png")
+    else:
+        plot_accuracy_vs_depth(summ, plots / "accuracy_vs_depth.png")
     plot_teacher_share(root, rows, plots / "teacher_share.png")
     for old in plots.glob("confusion_*.png"):
         old.unlink()
     for r in students_done(rows):
-        if r["collapsed"]:
-            res = sweep.run(r["run"]).result()
+        if r["collapsed"] and "confusion" in (res := sweep.run(r["run"]).result())["validation"]:
             title = f"{r['run']}\n{r['depth']} layers, {r['policy']}, {r.get('tutor_update')}, seed {r['seed']}"
             plot_confusion(res["validation"]["confusion"], title, plots / f"confusion_{r['run']}.png")
     return text

@@ -16,11 +16,11 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
-MODEL_INPUTS = ("input_ids", "attention_mask")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # the last: pair tasks only
 
 
 def forward(model, batch) -> torch.Tensor:
-    return model(**{k: batch[k] for k in MODEL_INPUTS}).logits
+    return model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits
 
 
 class TutorMode(str, enum.Enum):

@@ -44,11 +44,29 @@ def _without_execution(settings: dict) -> dict:
     return settings
 
 
+#: data keys added after schema 2, left out of a signature at their default, so that runs from
+#: before them are still found (an explicit metric equal to the task's default is the default).
+LATER_DATA_KEYS = {"text_pair_column": None, "also_evaluate": [], "metric": None}
+
+
+def _data_settings(data: dict, cfg: DataConfig) -> dict:
+    data = dict(data)
+    if data.get("metric") == ("pearson_spearman" if cfg.regression else "accuracy"):
+        data["metric"] = None
+    return {k: v for k, v in data.items() if not (k in LATER_DATA_KEYS and v == LATER_DATA_KEYS[k])}
+
+
 class Stage:
     kind = "stage"
 
     def settings(self) -> dict:
-        return _without_execution({k: v for k, v in to_dict(self).items() if k not in DISPLAY_FIELDS})
+        settings = {k: v for k, v in to_dict(self).items() if k not in DISPLAY_FIELDS}
+        for key, value in vars(self).items():
+            if isinstance(value, DataConfig):
+                settings[key] = _data_settings(settings[key], value)
+            elif isinstance(value, Stage) and isinstance(getattr(value, "data", None), DataConfig):
+                settings[key] = {**settings[key], "data": _data_settings(settings[key]["data"], value.data)}
+        return _without_execution(settings)
 
     @property
     def signature(self) -> str:

@@ -104,7 +104,7 @@ def train_step(task: Task, student, micro: list[Micro], n: int, *, step: int, to
         for m in micro:
             z_s = forward(student.model, m.batch).float()
             y = m.batch["labels"]
-            per_example = losses.cross_entropy(z_s, y) if task.teacher is None else \
+            per_example = losses.gold_loss(z_s, y) if task.teacher is None else \
                 task.distill(z_s, task.teacher.logits(m.batch).float(), y)
             student.step((m.mask * per_example).sum() * scale)
             loss_sum += float((m.mask * per_example).detach().sum())
@@ -180,7 +180,8 @@ def select(policy: Policy, outs: list[dict], step: int, total_steps: int, seed: 
     table = distributed.gather_rows(torch.cat([rows(o) for o in outs]))
     c = outs[0]["z_s"].shape[1]
     f32 = table.to(torch.float32)  # exact: every value was a float32 (or a small integer)
+    labels = f32[:, -1] if c == 1 else table[:, -1].to(torch.int64)  # a regression's labels are real
     sel = Selection(f32[:, 0], f32[:, 1], f32[:, 2:2 + c], f32[:, 2 + c:2 + 2 * c], f32[:, 2 + 2 * c:2 + 3 * c],
-                    table[:, -1].to(torch.int64), step, total_steps, seed)
+                    labels, step, total_steps, seed)
     w = policy.select(sel).to(torch.float32).cpu()
     return distributed.broadcast(w)

@@ -62,6 +62,46 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "bert")
 
 
+@pytest.fixture(scope="session")
+def glue_files(tmp_path_factory) -> dict[str, str]:
+    """Small GLUE-like local files built from the embedded sentences (so the tiny model's vocabulary
+    covers them), with GLUE's column names: an MRPC-like pair task (``sentence1``, ``sentence2``,
+    ``label`` 1 when both sentences share a sentiment) with a second evaluation file, and an
+    STS-B-like regression (``label`` a real score in [0, 5.5), higher for two positive sentences)."""
+    import numpy as np
+    import pandas as pd
+
+    from hpc_kd.config import DataConfig
+    from hpc_kd.data import load_splits
+
+    folder = tmp_path_factory.mktemp("glue")
+    split = load_splits(DataConfig())["train"]
+    rng = np.random.default_rng(0)
+    files = {}
+    for name, rows in (("train", 96), ("validation", 48), ("mismatched", 32)):
+        a, b = rng.integers(0, len(split), rows), rng.integers(0, len(split), rows)
+        pair = pd.DataFrame({"sentence1": [split.texts[i] for i in a], "sentence2": [split.texts[i] for i in b],
+                             "label": (split.labels[a] == split.labels[b]).astype(int)})
+        files[f"pair_{name}"] = str(folder / f"pair_{name}.csv")
+        pair.to_csv(files[f"pair_{name}"], index=False)
+        if name != "mismatched":
+            sts = pair.assign(label=(2.5 * (split.labels[a] + split.labels[b]) + rng.uniform(0, 0.5, rows)).round(2))
+            files[f"sts_{name}"] = str(folder / f"sts_{name}.csv")
+            sts.to_csv(files[f"sts_{name}"], index=False)
+    return files
+
+
+def glue_data(files: dict, task: str, **extra) -> dict:
+    """The data section of a local pair (``task="mrpc"``, with its second evaluation file) or
+    regression (``"stsb"``) task: the GLUE preset fills the columns, labels and metric."""
+    prefix = "pair" if task == "mrpc" else "sts"
+    data = {"source": "local", "name": f"glue/{task}", "train_file": files[f"{prefix}_train"],
+            "validation_file": files[f"{prefix}_validation"], "max_length": 32, **extra}
+    if task == "mrpc":
+        data["also_evaluate"] = [files["pair_mismatched"]]
+    return data
+
+
 def tiny_config(tiny_model: Path, root: Path, **sections) -> dict:
     """A small experiment config (as plain data) on the embedded sentences with the tiny model."""
     cfg = {

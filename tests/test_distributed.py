@@ -31,7 +31,7 @@ from hpc_kd.distributed import World, detect, device_for, master_port, parse_nod
 from hpc_kd.plan import load_plan
 from hpc_kd.policies import POLICIES
 
-from .conftest import assert_snapshot, plan_of, require_slurm, run_plan, tiny_config, write_yaml
+from .conftest import assert_snapshot, glue_data, plan_of, require_slurm, run_plan, tiny_config, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -206,6 +206,20 @@ def reference(quiet_model, tmp_path_factory):
     return plan
 
 
+def pair_config(model: Path, root: Path, files: dict, deepspeed: dict | None = None) -> dict:
+    """The chain on a sentence-pair task (MRPC-like local files, with a second evaluation file)."""
+    cfg = chain_config(model, root, deepspeed)
+    cfg["data"] = {**cfg["data"], **glue_data(files, "mrpc")}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def pair_reference(quiet_model, glue_files, tmp_path_factory):
+    plan = plan_of(pair_config(quiet_model, tmp_path_factory.mktemp("pair_reference"), glue_files))
+    run_plan(plan)
+    return plan
+
+
 ZERO = {"zero0": {"zero_stage": 0}, "zero1": {"zero_stage": 1}, "zero2": {"zero_stage": 2},
         "zero3-accumulation2": {"zero_stage": 3, "gradient_accumulation": 2}}
 RESUME = {"zero_stage": 1, "gradient_accumulation": 2}
@@ -231,12 +245,14 @@ def torchrun(jobs: list[dict], folder: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def launched(quiet_model, tiny_model, tmp_path_factory):
-    """One 2-rank launch: a chain per ZeRO setting; with dropout on, an uninterrupted chain and one
-    stopped at step 7 of its student (last checkpoint at step 6); then a second launch resumes it."""
+def launched(quiet_model, tiny_model, glue_files, tmp_path_factory):
+    """One 2-rank launch: a chain per ZeRO setting, and the chain on a pair task (ZeRO 2); with
+    dropout on, an uninterrupted chain and one stopped at step 7 of its student (last checkpoint at
+    step 6); then a second launch resumes it."""
     folder = tmp_path_factory.mktemp("ranks")
     sweeps = {name: write_yaml(folder / f"{name}.yaml", chain_config(quiet_model, folder / name, ds))
               for name, ds in ZERO.items()}
+    sweeps["pair"] = write_yaml(folder / "pair.yaml", pair_config(quiet_model, folder / "pair", glue_files, ZERO["zero2"]))
     for name in ("uninterrupted", "resumed"):
         sweeps[name] = write_yaml(folder / f"{name}.yaml", chain_config(tiny_model, folder / name, RESUME))
     jobs = [{"sweep": str(path), "stop_at": 7 if name == "resumed" else None} for name, path in sweeps.items()]
@@ -284,7 +300,19 @@ def comparable(result: dict) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(ZERO))
 def test_two_ranks_give_the_one_process_numbers(reference, launched, setting):
-    plan = launched[setting]
+    assert_same_numbers(reference, launched[setting], ZERO[setting])
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_one_process_numbers_on_a_pair_task(pair_reference, launched):
+    assert_same_numbers(pair_reference, launched["pair"], ZERO["zero2"])
+    student = list(pair_reference.stages)[-1]
+    result = pair_reference.stages[student].run_dir(pair_reference.root).result()
+    assert result["validation"]["metric"] == "f1_accuracy" and result["pair_mismatched"]["n"] == 32
+
+
+def assert_same_numbers(reference, plan, deepspeed: dict) -> None:
+    """Every stage of ``plan`` (run on 2 ranks) has ``reference``'s (one process) numbers."""
     assert list(plan.stages) == list(reference.stages)  # DeepSpeed does not change what a stage is
     for key, stage in reference.stages.items():
         ref, got = stage.run_dir(reference.root), plan.stages[key].run_dir(plan.root)
@@ -296,7 +324,7 @@ def test_two_ranks_give_the_one_process_numbers(reference, launched, setting):
         assert np.allclose(losses(got_m), losses(ref_m), atol=TOL, rtol=0), key
         assert close(epochs(got_m), epochs(ref_m)), key  # validation metrics, selection counts
         r, g = ref.result(), got.result()
-        assert g["execution"] == {"ranks": 2, "deepspeed": {**DeepSpeedConfig().__dict__, **ZERO[setting]}}
+        assert g["execution"] == {"ranks": 2, "deepspeed": {**DeepSpeedConfig().__dict__, **deepspeed}}
         assert close(comparable(g), comparable(r)), key  # validation and test metrics, selection
         for part in ("model", "tutor"):
             if (ref.path / part).exists():

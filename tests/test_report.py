@@ -29,8 +29,8 @@ def test_summary_over_seeds(sweep):
     kd = [r["test_acc"] for r in students if r["policy"] == "teacher"]  # the headline: test
     kd_val = [r["val_acc"] for r in students if r["policy"] == "teacher"]
     assert summ["teacher"]["n"] == 3 and summ["teacher"]["split"] == "test"
-    assert summ["teacher"]["acc_mean"] == pytest.approx(np.mean(kd))
-    assert summ["teacher"]["acc_std"] == pytest.approx(np.std(kd, ddof=1))
+    assert summ["teacher"]["score_mean"] == pytest.approx(np.mean(kd))
+    assert summ["teacher"]["score_std"] == pytest.approx(np.std(kd, ddof=1))
     assert summ["teacher"]["val_mean"] == pytest.approx(np.mean(kd_val))
     assert summ["teacher"]["val_std"] == pytest.approx(np.std(kd_val, ddof=1))
 
@@ -85,8 +85,9 @@ def test_t_quantile_is_exact_beyond_ten_degrees_of_freedom():
 
 def fake_row(run, depth, iteration, chain, policy, seed, acc, val):
     return {"role": "student", "depth": depth, "iteration": iteration, "chain": chain, "policy": policy,
-            "seed": seed, "tutor_update": None if policy == "teacher" else "online", "test_acc": acc,
-            "test_macro_f1": acc, "val_acc": val, "val_macro_f1": val, "teacher_share": None,
+            "seed": seed, "tutor_update": None if policy == "teacher" else "online", "metric": "accuracy",
+            "test_score": acc, "test_acc": acc, "test_macro_f1": acc, "val_score": val, "val_acc": val,
+            "val_macro_f1": val, "teacher_share": None,
             "teacher_batches": None, "collapsed": False, "params": 1, "state": "done", "run": run}
 
 
@@ -109,8 +110,8 @@ def test_iterations_are_separate_groups_with_their_own_baseline(tmp_path):
     groups = {(r["chain"], r["policy"]): r for r in summary(rows)}
     assert sorted(groups) == sorted((c, p) for c in ("10", "10→9", "9") for p in ("teacher", "min_loss"))
     assert all(r["n"] == 2 for r in groups.values())
-    assert groups[("10→9", "min_loss")]["acc_mean"] == pytest.approx(0.745)
-    assert groups[("9", "min_loss")]["acc_mean"] == pytest.approx(0.73)
+    assert groups[("10→9", "min_loss")]["score_mean"] == pytest.approx(0.745)
+    assert groups[("9", "min_loss")]["score_mean"] == pytest.approx(0.73)
     paired = {r["chain"]: r for r in paired_vs_kd(tmp_path, rows, split="test") if r["policy"] == "min_loss"}
     assert paired["10→9"]["diff"] == pytest.approx(0.045) and paired["10→9"]["n"] == 2
     assert paired["9"]["diff"] == pytest.approx(-0.02) and paired["9"]["n"] == 2
