@@ -105,11 +105,15 @@ class Stage:
         """Run the stage into ``run``, which this process owns."""
         from . import distributed
 
-        if run_cfg.threads:
-            torch.set_num_threads(run_cfg.threads)
-        run.start({"kind": self.kind, "key": self.key, "signature": self.signature, "role": self.role,
-                   "settings": self.settings(), "inputs": [dataclasses.asdict(r) for r in self.inputs()]})
-        result = self.execute(root, run, run_cfg, on_step)
+        threads = torch.get_num_threads()  # restored after: a stage run in-process leaves no trace
+        try:
+            if run_cfg.threads:
+                torch.set_num_threads(run_cfg.threads)
+            run.start({"kind": self.kind, "key": self.key, "signature": self.signature, "role": self.role,
+                       "settings": self.settings(), "inputs": [dataclasses.asdict(r) for r in self.inputs()]})
+            result = self.execute(root, run, run_cfg, on_step)
+        finally:
+            torch.set_num_threads(threads)
         result.update({"key": self.key, "role": self.role})
         result.setdefault("layers", self.depth)
         run.finish(result)

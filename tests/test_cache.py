@@ -201,7 +201,9 @@ def test_cached_targets_match_live_targets(tiny_model, tmp_path, distill):
     assert not any(s.kind == "cache" for s in live.stages.values())
     (kc,), (kl,) = students(cached), students(live)
     assert rc[kc]["targets"] == "cache" and rl[kl]["targets"] == "live"
-    assert np.allclose(losses_of(cached, kc), losses_of(live, kl), atol=1e-6, rtol=0)
+    # cached logits come from length-sorted batches of 128, live ones from training batches: other
+    # padding, other kernel blocking, so equal up to float rounding (not bit for bit on every CPU)
+    assert np.allclose(losses_of(cached, kc), losses_of(live, kl), atol=1e-6, rtol=1e-5)
     for split in ("validation", "test"):
         for metric in ("accuracy", "macro_f1"):
             assert rc[kc][split][metric] == pytest.approx(rl[kl][split][metric], abs=1e-6)

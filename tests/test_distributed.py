@@ -15,7 +15,6 @@ dropout on, 2 ranks equal 1 rank only in distribution (the resume test keeps dro
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -225,19 +224,14 @@ ZERO = {"zero0": {"zero_stage": 0}, "zero1": {"zero_stage": 1}, "zero2": {"zero_
 RESUME = {"zero_stage": 1, "gradient_accumulation": 2}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(jobs: list[dict], folder: Path) -> subprocess.CompletedProcess:
     spec = folder / f"jobs-{len(list(folder.glob('jobs-*')))}.json"
     spec.write_text(json.dumps(jobs))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HPC_KD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    # --standalone: torchrun picks a free port itself (a port chosen here could be taken before it binds)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "dist_worker.py"), str(spec)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=env, cwd=REPO)
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
@@ -350,7 +344,7 @@ def test_two_rank_cache_equals_a_one_process_cache(launched, tmp_path):
     one = LogitCache.open(tmp_path / "one", expected, ids)
     both = LogitCache.open(cache.folder(plan.root), expected, ids)
     assert np.array_equal(one.ids, both.ids) and two["total_rows"] == len(ids)
-    assert torch.allclose(one.logits_table, both.logits_table, atol=1e-6, rtol=0)
+    assert torch.allclose(one.logits_table, both.logits_table, atol=1e-6, rtol=1e-5)  # other batches: rounding
 
 
 @pytest.mark.slow

@@ -24,7 +24,9 @@ pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "slurm" / "profiles" / "local.yaml"
-TIMEOUT = 300  # seconds for any launch that waits for its jobs
+TIMEOUT = 900  # seconds for any launch that waits for its jobs (4-5 chained jobs, each starting
+# Python and torch; the slower machines of this kind, and a core shared by two hyper-threads, run
+# them one at a time)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,8 @@ def test_sweep_on_slurm(tiny_model, tmp_path, roots):
     assert "[submitted]" not in again.stderr
     # how many are still queued or running depends on how fast the first ones ran (a race no test
     # should bet on); none is submitted again, and every stage is either done or still in flight
-    queued = int(re.search(r"0 stage jobs submitted, (\d+) already queued or running", again.stdout).group(1))
+    found = re.search(r"0 stage jobs submitted, (\d+) already queued or running", again.stdout)
+    queued = int(found.group(1)) if found else 0  # all finished before the relaunch looked: none
     done_since = sum((root / "runs" / k / "result.json").exists() for k in jobs)  # read after the launch looked
     assert 5 - done_since <= queued <= 5
 
