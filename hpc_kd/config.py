@@ -315,8 +315,14 @@ class DistillConfig:
     tau: float = 1.0
     #: weight α of the soft term; 1 − α weighs the cross-entropy with the gold label.
     alpha: float = 0.5
-    #: distillation term: "kl" (Hinton KD) or "mse" (on logits).
+    #: distillation term (hpc_kd.losses): kl (forward KL, Hinton KD), reverse_kl (MiniLLM), jsd
+    #: (generalised Jensen-Shannon, GKD; jsd_beta), skew_kl and skew_reverse_kl (DistiLLM;
+    #: skew_lambda), tv (total variation), mse (on logits).
     loss: str = "kl"
+    #: jsd: the mixture weight beta of the teacher (0: forward KL, 0.5: symmetric JSD, 1: reverse KL).
+    jsd_beta: float = 0.5
+    #: skew_kl / skew_reverse_kl: the share lambda of the divergence's first distribution mixed into its second.
+    skew_lambda: float = 0.1
     #: online: the tutor keeps learning from the teacher and its logits are computed live (the
     #: paper's Algorithm 2, hence the default); frozen: it does not learn, its logits come from a
     #: cache; refresh: it learns, but its logits come from a cache rebuilt every epoch.
@@ -343,6 +349,10 @@ class DistillConfig:
             raise ConfigError("tau", f"must be > 0, got {self.tau}")
         if not 0 <= self.alpha <= 1:
             raise ConfigError("alpha", f"must be in [0, 1], got {self.alpha}")
+        if not 0 <= self.jsd_beta <= 1:
+            raise ConfigError("jsd_beta", f"must be in [0, 1], got {self.jsd_beta}")
+        if not 0 <= self.skew_lambda < 1:
+            raise ConfigError("skew_lambda", f"must be in [0, 1), got {self.skew_lambda}")
         if not 0 <= self.normalized_momentum < 1:
             raise ConfigError("normalized_momentum", f"must be in [0, 1), got {self.normalized_momentum}")
         if not 0 <= self.random_teacher_prob <= 1:

@@ -10,6 +10,8 @@ Golden values in ``tests/test_losses.py`` pin the numbers across refactors.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -34,26 +36,111 @@ def gold_loss(z_s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return squared_error(z_s, y) if regression(z_s) else cross_entropy(z_s, y)
 
 
-def kl_term(z_s: torch.Tensor, z_t: torch.Tensor, tau: float) -> torch.Tensor:
-    """Per-example Hinton term ``τ² · KL(softmax(z_T/τ) ‖ softmax(z_S/τ))``.
+def _log_probs(z: torch.Tensor, tau: float) -> torch.Tensor:
+    return F.log_softmax(z.float() / tau, dim=-1)
 
-    The τ² factor keeps the gradient scale of the soft term independent of τ (Hinton et al. 2015).
-    """
-    log_p_s = F.log_softmax(z_s / tau, dim=-1)
-    log_p_t = F.log_softmax(z_t / tau, dim=-1)
-    return (tau * tau) * (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``KL(p ‖ q) = Σ p (log p − log q)`` over the last dimension, with 0 · log 0 = 0."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+
+
+def _mixture(log_p: torch.Tensor, log_q: torch.Tensor, w: float) -> torch.Tensor:
+    """``log(w · p + (1 − w) · q)``, computed in log space."""
+    if w <= 0:
+        return log_q
+    if w >= 1:
+        return log_p
+    return torch.logaddexp(log_p + math.log(w), log_q + math.log(1 - w))
+
+
+# The divergence family (``distill.loss``). Every term takes student and teacher logits of shape
+# [..., V] (V classes, or a vocabulary) and returns one value per position, shape [...]: the
+# divergence is summed over the last dimension, nothing else is reduced. A classifier's batch
+# [B, C] gives one value per example; a language model's [B, T, V] one per token, which
+# :func:`token_mean` reduces to one per sequence under the padding mask; a batch's loss is the mean
+# over examples (the trainer's). Distributions are ``softmax(z / τ)``; every term but ``mse`` is
+# scaled by τ² (Hinton's factor, which keeps the gradient's size independent of τ), and all are 0
+# when the student equals the teacher. p_T is the teacher's distribution, p_S the student's.
+
+
+def kl_term(z_s: torch.Tensor, z_t: torch.Tensor, tau: float) -> torch.Tensor:
+    """Forward KL, Hinton's KD: ``τ² · KL(p_T ‖ p_S)``. Mass-covering: the student is pushed to
+    put probability wherever the teacher does."""
+    return (tau * tau) * _kl(_log_probs(z_t, tau), _log_probs(z_s, tau))
+
+
+def reverse_kl_term(z_s: torch.Tensor, z_t: torch.Tensor, tau: float) -> torch.Tensor:
+    """Reverse KL (MiniLLM, Gu et al. 2024): ``τ² · KL(p_S ‖ p_T)``. Mode-seeking: the student is
+    not pushed onto the teacher's low-probability tail."""
+    return (tau * tau) * _kl(_log_probs(z_s, tau), _log_probs(z_t, tau))
+
+
+def jsd_term(z_s: torch.Tensor, z_t: torch.Tensor, tau: float, beta: float = 0.5) -> torch.Tensor:
+    """Generalised Jensen–Shannon divergence (GKD, Agarwal et al. 2024), as TRL computes it: with
+    the mixture ``M = β · p_T + (1 − β) · p_S``, ``τ² · (β · KL(p_T ‖ M) + (1 − β) · KL(p_S ‖ M))``.
+    β = 0.5 is the symmetric JSD (bounded by log 2). The ends, where the mixture formula vanishes,
+    are the divergences it interpolates between: β = 0 is forward KL, β = 1 reverse KL."""
+    if beta <= 0:
+        return kl_term(z_s, z_t, tau)
+    if beta >= 1:
+        return reverse_kl_term(z_s, z_t, tau)
+    log_t, log_s = _log_probs(z_t, tau), _log_probs(z_s, tau)
+    m = _mixture(log_t, log_s, beta)
+    return (tau * tau) * (beta * _kl(log_t, m) + (1 - beta) * _kl(log_s, m))
+
+
+def skew_kl_term(z_s: torch.Tensor, z_t: torch.Tensor, tau: float, lam: float = 0.1) -> torch.Tensor:
+    """Skew KL (DistiLLM, Ko et al. 2024): ``τ² · KL(p_T ‖ λ · p_T + (1 − λ) · p_S)``. Mixing a
+    little of the teacher into the student's side keeps the divergence finite and its gradient
+    stable where the student gives a teacher token almost no mass; λ = 0 is forward KL."""
+    log_t = _log_probs(z_t, tau)
+    return (tau * tau) * _kl(log_t, _mixture(log_t, _log_probs(z_s, tau), lam))
+
+
+def skew_reverse_kl_term(z_s: torch.Tensor, z_t: torch.Tensor, tau: float, lam: float = 0.1) -> torch.Tensor:
+    """Skew reverse KL (DistiLLM): ``τ² · KL(p_S ‖ λ · p_S + (1 − λ) · p_T)``; λ = 0 is reverse KL."""
+    log_s = _log_probs(z_s, tau)
+    return (tau * tau) * _kl(log_s, _mixture(log_s, _log_probs(z_t, tau), lam))
+
+
+def tv_term(z_s: torch.Tensor, z_t: torch.Tensor, tau: float) -> torch.Tensor:
+    """Total variation distance: ``τ² · ½ Σ |p_T − p_S|`` (in [0, τ²]); a bounded, symmetric
+    distance whose gradient does not grow with the log-ratio."""
+    p_t, p_s = _log_probs(z_t, tau).exp(), _log_probs(z_s, tau).exp()
+    return (tau * tau) * 0.5 * (p_t - p_s).abs().sum(dim=-1)
 
 
 def mse_term(z_s: torch.Tensor, z_t: torch.Tensor, tau: float) -> torch.Tensor:
-    """Per-example mean squared error between raw logits, ``mean_c (z_S - z_T)²`` (τ is unused)."""
-    return ((z_s - z_t) ** 2).mean(dim=-1)
+    """Mean squared error between raw logits, ``mean_c (z_S − z_T)²`` (τ is unused)."""
+    return ((z_s.float() - z_t.float()) ** 2).mean(dim=-1)
 
 
-DISTILL_TERMS = {"kl": kl_term, "mse": mse_term}
+def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values [B, T] -> one per sequence [B]: the mean over the positions where ``mask``
+    is 1 (a sequence without any is 0). Every sequence weighs the same in a batch whatever its
+    length; a policy compares sources on these token means."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(dim=-1) / mask.sum(dim=-1).clamp_min(1)
+
+
+DISTILL_TERMS = {"kl": kl_term, "reverse_kl": reverse_kl_term, "jsd": jsd_term, "skew_kl": skew_kl_term,
+                 "skew_reverse_kl": skew_reverse_kl_term, "tv": tv_term, "mse": mse_term}
+#: each term's parameters: term argument -> the ``distill`` config key that sets it (only the chosen
+#: term's keys enter a stage's signature)
+TERM_PARAMS = {"jsd": {"beta": "jsd_beta"}, "skew_kl": {"lam": "skew_lambda"},
+               "skew_reverse_kl": {"lam": "skew_lambda"}}
+
+
+def term_args(distill) -> dict:
+    """The parameters of ``distill.loss``, from their config keys (empty for a term without any)."""
+    return {arg: getattr(distill, key) for arg, key in TERM_PARAMS.get(distill.loss, {}).items()}
 
 
 def distillation_loss(
-    z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, tau: float, alpha: float, term: str = "kl"
+    z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, tau: float, alpha: float, term: str = "kl",
+    args: dict | None = None,
 ) -> torch.Tensor:
     """``DistillationLoss(z_S, z_T, y, τ, α)`` of the TEID paper (Algorithm 1), per example:
 
@@ -62,8 +149,12 @@ def distillation_loss(
     α weighs the soft (teacher) term, 1 − α the hard-label cross-entropy; the paper uses
     τ = 1, α = 0.5. ``term="mse"`` swaps the KL term for an MSE on logits. The teacher logits
     carry no gradient. For regression (one output): ``α · (z_S − z_T)² + (1 − α) · (z_S − y)²``.
+    ``term`` names any of :data:`DISTILL_TERMS` (``args``: its parameters, e.g. ``{"beta": 0.5}``).
     """
-    soft = DISTILL_TERMS["mse" if regression(z_s) else term](z_s, z_t.detach(), tau)
+    if regression(z_s):
+        soft = mse_term(z_s, z_t.detach(), tau)
+    else:
+        soft = DISTILL_TERMS[term](z_s, z_t.detach(), tau, **(args or {}))
     return alpha * soft + (1.0 - alpha) * gold_loss(z_s, y)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .config import (ConfigError, ExperimentConfig, RunConfig, check_tutor_depth, from_dict, looks_local,
                      parse_override, read_yaml, set_dotted)
+from .losses import term_args
 from .policies import POLICIES, policy_args
 from .sources import TutorMode
 from .stages import CacheLogits, Distill, FineTune, ModelRef, Stage
@@ -81,8 +82,10 @@ def chain(cfg: ExperimentConfig) -> list[Stage]:
     def source(init_from: str, teacher: ModelRef):
         return teacher if init_from == "teacher" else cfg.teacher.pretrained
 
+    loss_args = term_args(d) or None
     tutor = Distill(cfg.data, teacher_ref, None, source(cfg.tutor.init_from, teacher_ref), cfg.tutor.layers, cfg.tutor.init, cfg.tutor.seed,
-                    cfg.tutor.train, "teacher", d.tau, d.alpha, d.loss, teacher_cache=cache_of(teacher_ref), role="tutor")
+                    cfg.tutor.train, "teacher", d.tau, d.alpha, d.loss, teacher_cache=cache_of(teacher_ref),
+                    loss_args=loss_args, role="tutor")
     stages.append(tutor)
     tutor_ref = ModelRef(tutor.key)
     mode = tutor_mode(cfg)
@@ -96,6 +99,7 @@ def chain(cfg: ExperimentConfig) -> list[Stage]:
             tutor_update=mode.label,
             tutor_train=cfg.tutor.train if mode.learns else None,
             teacher_cache=teacher_cache, tutor_cache=tutor_cache, policy_args=policy_args(d) or None,
+            loss_args=loss_args,
             role="student", iteration=iteration,
         )
         stages.append(student)

@@ -44,6 +44,8 @@ def _without_execution(settings: dict) -> dict:
     return settings
 
 
+#: stage fields added after schema 2, left out of a signature at their default (as below)
+LATER_FIELDS = {"loss_args": None}
 #: data keys added after schema 2, left out of a signature at their default, so that runs from
 #: before them are still found (an explicit metric equal to the task's default is the default).
 LATER_DATA_KEYS = {"text_pair_column": None, "also_evaluate": [], "metric": None}
@@ -60,7 +62,8 @@ class Stage:
     kind = "stage"
 
     def settings(self) -> dict:
-        settings = {k: v for k, v in to_dict(self).items() if k not in DISPLAY_FIELDS}
+        settings = {k: v for k, v in to_dict(self).items()
+                    if k not in DISPLAY_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
         for key, value in vars(self).items():
             if isinstance(value, DataConfig):
                 settings[key] = _data_settings(settings[key], value)
@@ -292,6 +295,8 @@ class Distill(Stage):
     teacher_cache: CacheLogits | None = None
     tutor_cache: CacheLogits | None = None
     policy_args: dict | None = None
+    #: the distillation term's parameters (None: it has none; then left out of the signature)
+    loss_args: dict | None = None
     role: str = "student"
     iteration: int = 0
     kind = "distill"
@@ -341,7 +346,8 @@ class Distill(Stage):
                 tutor = RefreshTutor(tutor_model, self.tutor_train, self._refresher(run, tutor_model, dataset, run_cfg), device)
             else:
                 tutor = FrozenModel(tutor_model)
-        task = Task(teacher, tutor, make_policy(self.policy, self.policy_args), self.tau, self.alpha, self.loss)
+        task = Task(teacher, tutor, make_policy(self.policy, self.policy_args), self.tau, self.alpha, self.loss,
+                    self.loss_args)
         trainer = _trainer(run, student, tokenizer, dataset, task, self.train, self.seed, run_cfg, on_step)
         result = trainer.fit()
         result.update({"params": param_count(student), "policy": self.policy, "targets": "cache" if self.teacher_cache else "live", "seed": self.seed,

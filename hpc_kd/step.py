@@ -50,6 +50,7 @@ class Task:
     tau: float = 1.0
     alpha: float = 0.5
     term: str = "kl"
+    term_args: dict | None = None  # the term's parameters (jsd's beta, the skew terms' lambda)
 
     @property
     def kind(self) -> str:
@@ -61,7 +62,7 @@ class Task:
 
     def distill(self, z_s: torch.Tensor, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The per-example distillation loss of ``z_s`` toward target logits ``z``."""
-        return losses.distillation_loss(z_s, z, y, self.tau, self.alpha, self.term)
+        return losses.distillation_loss(z_s, z, y, self.tau, self.alpha, self.term, self.term_args)
 
 
 @dataclass

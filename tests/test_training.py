@@ -267,3 +267,17 @@ def test_tutor_step_is_scaled_by_the_teachers_share(tiny_model, tmp_path, policy
             assert r["tutor_rate"] == pytest.approx(1e-3 * schedule(r["step"]) * r["teacher_weight"])
     shares = {round(r["teacher_weight"], 6) for r in records if r["tutor_updated"]}
     assert len(shares) > 1 and min(shares) < 1.0  # partial shares occurred, and were scaled
+
+
+@pytest.mark.parametrize("loss,args", [("reverse_kl", None), ("jsd", {"beta": 0.3}), ("skew_reverse_kl", {"lam": 0.1}),
+                                       ("tv", None)])
+def test_every_divergence_trains_the_chain_and_its_parameter_is_in_the_signature(tiny_model, tmp_path, loss, args):
+    distill = {"loss": loss, "jsd_beta": 0.3}
+    student_cfg = {"train": {"lr": 1e-3, "batch_size": 16, "epochs": 1}}
+    plan = make_plan(tiny_model, tmp_path, distill=distill, student=student_cfg)
+    student = plan.stages[list(plan.stages)[-1]]
+    assert student.loss_args == args and student.settings().get("loss_args") == args
+    result = run_plan(plan)[student.key]
+    assert result["kind"] == "teid" and result["selection"]["examples"] == 96
+    other = make_plan(tiny_model, tmp_path, distill={**distill, "jsd_beta": 0.7}, student=student_cfg)
+    assert (list(other.stages)[-1] != student.key) == (loss == "jsd")  # only the chosen term's key counts
