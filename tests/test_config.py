@@ -27,7 +27,7 @@ CASES = [
     ({"student": {"train": {"epochs": "three"}}}, "student.train.epochs", "expected an integer"),
     ({"distill": {"tau": True}}, "distill.tau", "expected a number"),
     ({"distill": {"policy": "best"}}, "distill.policy", "allowed: teacher, tutor, min_loss"),
-    ({"distill": {"loss": "cosine"}}, "distill.loss", "allowed: kl, mse"),
+    ({"distill": {"loss": "cosine"}}, "distill.loss", "allowed: kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tv, mse"),
     ({"data": {"source": "kaggle"}}, "data.source", "allowed: embedded, hf, local"),
     ({"data": {"name": "imdb"}}, "data.name", "allowed: rotten_tomatoes"),
     ({"student": {"layers": [5]}}, "student.layers", "smaller than its tutor"),
@@ -191,3 +191,10 @@ def test_a_grid_axis_can_be_overridden_from_the_command_line(tmp_path, tiny_mode
     union = dict(data, grid=[{"distill.policy": ["teacher"]}, {"distill.policy": ["min_loss"], "distill.tutor_update": ["frozen"]}])
     plan = load_plan(write_yaml(tmp_path / "u.yaml", union), ["grid.seed=[0, 1]"])
     assert len(plan.cells) == 4 and {c.tutor_mode.value for c in plan.cells} == {"none", "frozen"}
+
+
+@pytest.mark.parametrize("distill,key", [({"jsd_beta": 1.5}, "distill.jsd_beta"), ({"skew_lambda": 1.0}, "distill.skew_lambda")])
+def test_divergence_parameters_are_checked(distill, key):
+    with pytest.raises(ConfigError) as err:
+        from_dict(ExperimentConfig, {"distill": distill})
+    assert err.value.key == key
