@@ -65,16 +65,55 @@ def _mixture(log_p: torch.Tensor, log_q: torch.Tensor, w: float) -> torch.Tensor
 # when the student equals the teacher. p_T is the teacher's distribution, p_S the student's.
 
 
+def forward_kl(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+    return _kl(log_t, log_s)
+
+
+def reverse_kl(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+    return _kl(log_s, log_t)
+
+
+def jsd(log_s: torch.Tensor, log_t: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    if beta <= 0:
+        return forward_kl(log_s, log_t)
+    if beta >= 1:
+        return reverse_kl(log_s, log_t)
+    m = _mixture(log_t, log_s, beta)
+    return beta * _kl(log_t, m) + (1 - beta) * _kl(log_s, m)
+
+
+def skew_kl(log_s: torch.Tensor, log_t: torch.Tensor, lam: float = 0.1) -> torch.Tensor:
+    return _kl(log_t, _mixture(log_t, log_s, lam))
+
+
+def skew_reverse_kl(log_s: torch.Tensor, log_t: torch.Tensor, lam: float = 0.1) -> torch.Tensor:
+    return _kl(log_s, _mixture(log_s, log_t, lam))
+
+
+def tv(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(dim=-1)
+
+
+#: the divergences on log-probabilities (student, teacher), unscaled: the ``*_term`` functions
+#: below apply them to tempered softmaxes, :mod:`hpc_kd.sparse` to sparse targets' bins.
+DIVERGENCES = {"kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "skew_kl": skew_kl,
+               "skew_reverse_kl": skew_reverse_kl, "tv": tv}
+
+
+def _term(name: str, z_s: torch.Tensor, z_t: torch.Tensor, tau: float, **args) -> torch.Tensor:
+    return (tau * tau) * DIVERGENCES[name](_log_probs(z_s, tau), _log_probs(z_t, tau), **args)
+
+
 def kl_term(z_s: torch.Tensor, z_t: torch.Tensor, tau: float) -> torch.Tensor:
     """Forward KL, Hinton's KD: ``τ² · KL(p_T ‖ p_S)``. Mass-covering: the student is pushed to
     put probability wherever the teacher does."""
-    return (tau * tau) * _kl(_log_probs(z_t, tau), _log_probs(z_s, tau))
+    return _term("kl", z_s, z_t, tau)
 
 
 def reverse_kl_term(z_s: torch.Tensor, z_t: torch.Tensor, tau: float) -> torch.Tensor:
     """Reverse KL (MiniLLM, Gu et al. 2024): ``τ² · KL(p_S ‖ p_T)``. Mode-seeking: the student is
     not pushed onto the teacher's low-probability tail."""
-    return (tau * tau) * _kl(_log_probs(z_s, tau), _log_probs(z_t, tau))
+    return _term("reverse_kl", z_s, z_t, tau)
 
 
 def jsd_term(z_s: torch.Tensor, z_t: torch.Tensor, tau: float, beta: float = 0.5) -> torch.Tensor:
@@ -82,34 +121,25 @@ def jsd_term(z_s: torch.Tensor, z_t: torch.Tensor, tau: float, beta: float = 0.5
     the mixture ``M = β · p_T + (1 − β) · p_S``, ``τ² · (β · KL(p_T ‖ M) + (1 − β) · KL(p_S ‖ M))``.
     β = 0.5 is the symmetric JSD (bounded by log 2). The ends, where the mixture formula vanishes,
     are the divergences it interpolates between: β = 0 is forward KL, β = 1 reverse KL."""
-    if beta <= 0:
-        return kl_term(z_s, z_t, tau)
-    if beta >= 1:
-        return reverse_kl_term(z_s, z_t, tau)
-    log_t, log_s = _log_probs(z_t, tau), _log_probs(z_s, tau)
-    m = _mixture(log_t, log_s, beta)
-    return (tau * tau) * (beta * _kl(log_t, m) + (1 - beta) * _kl(log_s, m))
+    return _term("jsd", z_s, z_t, tau, beta=beta)
 
 
 def skew_kl_term(z_s: torch.Tensor, z_t: torch.Tensor, tau: float, lam: float = 0.1) -> torch.Tensor:
     """Skew KL (DistiLLM, Ko et al. 2024): ``τ² · KL(p_T ‖ λ · p_T + (1 − λ) · p_S)``. Mixing a
     little of the teacher into the student's side keeps the divergence finite and its gradient
     stable where the student gives a teacher token almost no mass; λ = 0 is forward KL."""
-    log_t = _log_probs(z_t, tau)
-    return (tau * tau) * _kl(log_t, _mixture(log_t, _log_probs(z_s, tau), lam))
+    return _term("skew_kl", z_s, z_t, tau, lam=lam)
 
 
 def skew_reverse_kl_term(z_s: torch.Tensor, z_t: torch.Tensor, tau: float, lam: float = 0.1) -> torch.Tensor:
     """Skew reverse KL (DistiLLM): ``τ² · KL(p_S ‖ λ · p_S + (1 − λ) · p_T)``; λ = 0 is reverse KL."""
-    log_s = _log_probs(z_s, tau)
-    return (tau * tau) * _kl(log_s, _mixture(log_s, _log_probs(z_t, tau), lam))
+    return _term("skew_reverse_kl", z_s, z_t, tau, lam=lam)
 
 
 def tv_term(z_s: torch.Tensor, z_t: torch.Tensor, tau: float) -> torch.Tensor:
     """Total variation distance: ``τ² · ½ Σ |p_T − p_S|`` (in [0, τ²]); a bounded, symmetric
     distance whose gradient does not grow with the log-ratio."""
-    p_t, p_s = _log_probs(z_t, tau).exp(), _log_probs(z_s, tau).exp()
-    return (tau * tau) * 0.5 * (p_t - p_s).abs().sum(dim=-1)
+    return _term("tv", z_s, z_t, tau)
 
 
 def mse_term(z_s: torch.Tensor, z_t: torch.Tensor, tau: float) -> torch.Tensor:
