@@ -53,6 +53,7 @@ def describe(plan: Plan, states=None, actions=None) -> str:
     actions = actions or executors.decide(plan, states)
     shared = Counter(key for cell in plan.cells for key in set(cell.chain))
     lines = [f"sweep {plan.name!r}: {len(plan.cells)} cells, {len(plan.stages)} distinct stages -> {plan.root}"]
+    tasks = len({cell.config.data.name for cell in plan.cells}) > 1  # a sweep over tasks names each stage's
     for key, stage in plan.stages.items():
         label = f"{stage.role}" + (f" it{stage.iteration}" if getattr(stage, "iteration", 0) else "")
         policy = getattr(stage, "policy", "")
@@ -66,7 +67,8 @@ def describe(plan: Plan, states=None, actions=None) -> str:
             what += f" (never runs because {st.blocked_by} failed; --retry runs it again)"
         elif st.job_id and actions[key] is Action.INFLIGHT:
             what += f" (job {st.job_id})"
-        lines.append(f"  {key:<22} {label:<12} layers={stage.depth!s:<4} {policy:<10} cells={shared[key]:<3} {what}")
+        task = f"{stage.data.name:<11} " if tasks else ""
+        lines.append(f"  {key:<22} {task}{label:<12} layers={stage.depth!s:<4} {policy:<10} cells={shared[key]:<3} {what}")
     return "\n".join(lines)
 
 
