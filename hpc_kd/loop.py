@@ -135,6 +135,8 @@ def evaluate(model, data: Encoded, batch_size: int, num_labels: int, device, per
     world = distributed.current()
     batches = eval_batches(data.lengths, batch_size)
     mine = batches[world.rank::world.size]
+    if data.lm:
+        return _evaluate_lm(model, data, batches, mine, device, per_example)
     if distributed.partitioned(model):
         rounds = math.ceil(len(batches) / world.size)
         mine = mine + [batches[0]] * (rounds - len(mine))
@@ -160,6 +162,42 @@ def evaluate(model, data: Encoded, batch_size: int, num_labels: int, device, per
             metrics["correct"] = (preds == data.labels).astype(int).tolist()
         if metric != "accuracy":  # what a bootstrap of another metric needs beside the predictions
             metrics["labels"] = data.labels.tolist()
+    return metrics
+
+
+def _evaluate_lm(model, data: Encoded, batches, mine, device, per_example: bool) -> dict:
+    """:func:`evaluate` for a language model: per sequence its summed next-token NLL, its number of
+    predicted tokens and how many of them the top-1 got right, and over all tokens how often each
+    token was the top-1 (:func:`hpc_kd.metrics.lm_metrics`)."""
+    from .metrics import lm_metrics
+
+    world = distributed.current()
+    was_training = model.training
+    model.eval()
+    found = []
+    hist = torch.zeros(model.get_output_embeddings().weight.shape[0], dtype=torch.float64)  # every rank: one size
+    with torch.no_grad():
+        for i, index in enumerate(mine):
+            batch = {k: v.to(device) for k, v in data.collate(index).items()}
+            z = forward(model, batch).float()[:, :-1]
+            target = batch["labels"][:, 1:]
+            mask = target != -100
+            nll = torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), target.reshape(-1), reduction="none",
+                                                    ignore_index=-100).view(target.shape)
+            top1 = z.argmax(-1)
+            if i * world.size + world.rank < len(batches):  # not a repeat
+                hist += torch.bincount(top1[mask].cpu(), minlength=z.shape[-1]).to(torch.float64)
+                found.append(torch.stack([torch.as_tensor(index, dtype=torch.float64), (nll * mask).sum(-1).double().cpu(),
+                                          mask.sum(-1).double().cpu(), ((top1 == target) & mask).sum(-1).double().cpu()], 1))
+    model.train(was_training)
+    table = distributed.gather_rows(torch.cat(found) if found else torch.zeros((0, 4), dtype=torch.float64))
+    hist = distributed.all_sum(hist)
+    order = np.argsort(table[:, 0].numpy())
+    nll, tokens, right = (table[order, j].numpy() for j in (1, 2, 3))
+    metrics = lm_metrics(nll, tokens, right, hist.numpy())
+    if per_example:
+        metrics["nll"] = nll.tolist()
+        metrics["tokens"] = tokens.astype(int).tolist()
     return metrics
 
 
@@ -327,7 +365,7 @@ class Trainer:
         else:
             self.p.bad_epochs += 1
         record = {"type": "epoch", "epoch": self.p.epoch, "step": self.p.step, "improved": improved,
-                  f"val_{val['metric']}": val["score"], "val_collapsed": val["collapsed"]}
+                  f"val_{val['metric']}": val.get(val["metric"], val["score"]), "val_collapsed": val["collapsed"]}
         for name in ("accuracy", "macro_f1"):  # beside the task's metric, for classes
             if name in val:
                 record[f"val_{name}"] = val[name]
@@ -358,4 +396,8 @@ class Trainer:
         if self.run.tutor.exists():
             tutor = load_classifier(self.run.tutor).to(self.device)
             result["tutor_validation"] = self._evaluate(tutor, "validation")
+        if self.data.encoded["train"].lm:  # for people to read
+            from .models import PROMPTS, greedy_continuations
+
+            result["continuations"] = greedy_continuations(best, self.tokenizer, PROMPTS, device=self.device)
         return result

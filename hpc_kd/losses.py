@@ -1,6 +1,11 @@
 """Losses as small pure functions. Each returns one value per example (shape ``[B]``) so that
 selection policies can compare sources per example; callers take the mean for a batch.
 
+A model whose logits have a **time axis** ([B, T, V]) is a language model: position t predicts
+token t + 1, the labels are the tokens with -100 on padding, and every loss is computed per token
+and reduced per sequence by :func:`token_mean` over the predicted (unpadded) tokens, so a policy
+compares sources on one value per sequence, as it does per example for a classifier.
+
 A model with **one output** is a regression (STS-B; ``num_labels: 1``, as in Hugging Face): its
 gold loss is the squared error to the label and its soft term the squared error to the
 teacher's prediction, whatever term is named (a softmax over one value is always 1, so a KL on it
@@ -31,8 +36,25 @@ def regression(z: torch.Tensor) -> bool:
     return z.shape[-1] == 1
 
 
+def language_model(z: torch.Tensor) -> bool:
+    """Logits with a time axis [B, T, V]: a language model."""
+    return z.dim() == 3
+
+
+def next_token_cross_entropy(z_s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A language model's per-sequence loss: the mean over its predicted tokens of
+    ``−log softmax(z_S[t])[y[t + 1]]`` (labels -100 are ignored)."""
+    z, target = z_s[:, :-1], y[:, 1:]
+    per_token = F.cross_entropy(z.reshape(-1, z.shape[-1]).float(), target.reshape(-1), reduction="none",
+                                ignore_index=-100).view(target.shape)
+    return token_mean(per_token, target != -100)
+
+
 def gold_loss(z_s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The loss against the gold labels: cross-entropy, or the squared error for regression."""
+    """The loss against the gold labels: cross-entropy, the squared error for regression, the
+    next-token cross-entropy (per sequence) for a language model."""
+    if language_model(z_s):
+        return next_token_cross_entropy(z_s, y)
     return squared_error(z_s, y) if regression(z_s) else cross_entropy(z_s, y)
 
 
@@ -181,7 +203,10 @@ def distillation_loss(
     carry no gradient. For regression (one output): ``α · (z_S − z_T)² + (1 − α) · (z_S − y)²``.
     ``term`` names any of :data:`DISTILL_TERMS` (``args``: its parameters, e.g. ``{"beta": 0.5}``).
     """
-    if regression(z_s):
+    if language_model(z_s):  # per token, then the mean over each sequence's predicted tokens
+        per_token = DISTILL_TERMS[term](z_s[:, :-1], z_t[:, :-1].detach(), tau, **(args or {}))
+        soft = token_mean(per_token, y[:, 1:] != -100)
+    elif regression(z_s):
         soft = mse_term(z_s, z_t.detach(), tau)
     else:
         soft = DISTILL_TERMS[term](z_s, z_t.detach(), tau, **(args or {}))
@@ -193,7 +218,7 @@ def mix_targets(z_t: torch.Tensor, z_u: torch.Tensor, w: torch.Tensor, tau: floa
     (``τ · log`` of it), so that ``distillation_loss`` against them distils the mixture; for the
     ``mse`` term and for regression, the mixture of the outputs themselves. ``w`` has one weight
     per example."""
-    w = w.unsqueeze(-1)
+    w = w.view(-1, *([1] * (z_t.dim() - 1)))  # one weight per example (a sequence: all its tokens)
     if term == "mse" or regression(z_t):
         return w * z_t + (1 - w) * z_u
     p = w * F.softmax(z_t / tau, dim=-1) + (1 - w) * F.softmax(z_u / tau, dim=-1)

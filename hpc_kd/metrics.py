@@ -142,3 +142,31 @@ def resampled_scores(metric: str, labels, preds, idx: np.ndarray, num_labels: in
         return f1.mean(axis=1)
     f1_pos = f1[:, 1] if f1.shape[1] > 1 else np.zeros(len(f1))
     return f1_pos if metric == "f1" else (f1_pos + accuracy) / 2
+
+
+#: a language model is degenerate when one token is its top-1 at this share of the positions or more
+DEGENERATE_SHARE = 0.9
+
+
+def lm_metrics(nll, tokens, right, top1_counts) -> dict:
+    """A language model's metrics from per-sequence sums: ``nll`` (summed next-token negative
+    log-likelihood), ``tokens`` (predicted tokens), ``right`` (tokens whose top-1 was the gold next
+    token), and ``top1_counts`` (how often each vocabulary entry was the top-1, over all positions).
+
+    token_nll: total NLL / total tokens (so long sequences weigh more, as in perplexity);
+    perplexity: exp(token_nll); top1_accuracy; ``degenerate`` (the LM's collapse flag): one token is
+    the top-1 at ≥ 90% of the positions, the analogue of a classifier predicting one class (a
+    model repeating one token, or one that learnt only the most frequent token); ``collapsed`` is
+    the same flag, for the tables. ``score`` = −token_nll (higher is better, like every score)."""
+    import math
+
+    nll, tokens, right = (np.asarray(v, dtype=np.float64) for v in (nll, tokens, right))
+    counts = np.asarray(top1_counts, dtype=np.float64)
+    total = max(tokens.sum(), 1.0)
+    token_nll = float(nll.sum() / total)
+    share = float(counts.max() / total) if counts.size and counts.sum() else 0.0
+    return {"n": int(len(nll)), "tokens": int(tokens.sum()), "token_nll": token_nll,
+            "perplexity": float(math.exp(min(token_nll, 700.0))), "top1_accuracy": float(right.sum() / total),
+            "top_token": int(counts.argmax()) if counts.size else None, "top_token_share": share,
+            "degenerate": share >= DEGENERATE_SHARE, "collapsed": share >= DEGENERATE_SHARE,
+            "metric": "token_nll", "score": -token_nll}

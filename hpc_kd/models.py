@@ -56,11 +56,14 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(resolve_pretrained(name))
 
 
-def load_pretrained(name: str, num_labels: int, seed: int):
-    """A pretrained encoder with a freshly initialised (seeded) classification head."""
-    from transformers import AutoModelForSequenceClassification
+def load_pretrained(name: str, num_labels: int, seed: int, lm: bool = False):
+    """A pretrained encoder with a freshly initialised (seeded) classification head; with ``lm``
+    a pretrained decoder as it is (its language-modelling head is what it fine-tunes)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     _quiet()
+    if lm:
+        return AutoModelForCausalLM.from_pretrained(resolve_pretrained(name))
     model = AutoModelForSequenceClassification.from_pretrained(
         resolve_pretrained(name), num_labels=num_labels, ignore_mismatched_sizes=True)
     # Fresh even when the checkpoint already holds a classifier: a seeded re-initialisation.
@@ -74,11 +77,16 @@ def load_pretrained(name: str, num_labels: int, seed: int):
 
 
 def load_classifier(path: str | Path):
-    """A trained classifier saved by :func:`save_model`."""
-    from transformers import AutoModelForSequenceClassification
+    """A trained model saved by :func:`save_model`: a classifier, or a language model (a causal-LM
+    architecture in its config.json)."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     _quiet()
-    return AutoModelForSequenceClassification.from_pretrained(str(path))
+    archs = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+    auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs) else AutoModelForSequenceClassification
+    return auto.from_pretrained(str(path))
 
 
 def depth(model) -> int:
@@ -144,3 +152,23 @@ def save_model(model, tokenizer, path: str | Path) -> None:
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+#: fixed prompts whose greedy continuations a language model's result.json records, for people to read
+PROMPTS = ("This movie was", "The acting in this film", "I would not recommend")
+
+
+def greedy_continuations(model, tokenizer, prompts=PROMPTS, new_tokens: int = 24, device="cpu") -> dict[str, str]:
+    """Each prompt's greedy continuation (``new_tokens`` tokens, no sampling), decoded."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        for prompt in prompts:
+            enc = tokenizer(prompt, return_tensors="pt")
+            ids = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+            gen = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+            out[prompt] = tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    model.train(was_training)
+    return out

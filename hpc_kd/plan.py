@@ -123,6 +123,10 @@ def check(cfg: ExperimentConfig, data_checked: set | None = None) -> ExperimentC
     if d.loss not in DISTILL_TERMS:
         raise ConfigError("distill.loss", f"unknown loss {d.loss!r}; allowed: {', '.join(DISTILL_TERMS)}")
     data = cfg.data
+    if data.lm and (d.targets == "cache" or d.tutor_update == "refresh"):
+        key = "distill.targets" if d.targets == "cache" else "distill.tutor_update"
+        raise ConfigError(key, "task causal_lm: logit caches for language models (sparse top-k shards) are not "
+                               "wired in yet; set distill.targets: live (and tutor_update online or frozen)")
     if data.source == "local":
         for key in ("train_file", "validation_file", "test_file"):
             value = getattr(data, key)

@@ -43,6 +43,10 @@ class Selection:
     total_steps: int
     #: the run's seed (a policy that draws at random draws from it and the step: no state)
     seed: int = 0
+    #: classes (z_*: logits [B, C]), regression (z_*: the prediction [B, 1]), or lm (a language
+    #: model: z_* are per-sequence summaries [B, 2], the share of predicted tokens whose top-1 is the
+    #: gold next token and the mean top-1 probability; labels are 0)
+    kind: str = "classes"
 
 
 class Policy:
@@ -146,15 +150,19 @@ class NormalizedPolicy(Policy):
 class CorrectFirstPolicy(Policy):
     """Per example: the source whose prediction is right on the gold label; when both or neither
     are right, the one with the lower distillation loss (ties to the tutor). Regression has no
-    "right": the source whose prediction is strictly closer to the gold value counts as right."""
+    "right": the source whose prediction is strictly closer to the gold value counts as right; for
+    a language model, the source whose top-1 is the gold next token at strictly more of the
+    sequence's tokens."""
 
     name = "correct_first"
 
     def select(self, sel: Selection) -> torch.Tensor:
-        if sel.z_teacher.shape[-1] == 1:
+        if sel.kind == "regression":
             err_t = (sel.z_teacher[:, 0] - sel.labels).abs()
             err_u = (sel.z_tutor[:, 0] - sel.labels).abs()
             t_right, u_right = err_t < err_u, err_u < err_t
+        elif sel.kind == "lm":
+            t_right, u_right = sel.z_teacher[:, 0] > sel.z_tutor[:, 0], sel.z_tutor[:, 0] > sel.z_teacher[:, 0]
         else:
             t_right = sel.z_teacher.argmax(-1) == sel.labels
             u_right = sel.z_tutor.argmax(-1) == sel.labels
@@ -211,7 +219,8 @@ class EnsemblePolicy(Policy):
     ``p = w · softmax(z_T/τ) + (1 − w) · softmax(z_U/τ)``, with ``w`` fixed (``weight``) or, when
     ``weight`` is None, per example by confidence: ``w = c_T / (c_T + c_U)``, c the max probability.
     Regression mixes the two predictions, ``w · z_T + (1 − w) · z_U``; one output carries no
-    confidence, so there ``weight`` None is an even mix (w = 0.5)."""
+    confidence, so there ``weight`` None is an even mix (w = 0.5). A language model mixes the two
+    distributions at every token of a sequence with one weight, by their mean top-1 probability."""
 
     name = "ensemble"
     mixes_targets = True
@@ -223,10 +232,13 @@ class EnsemblePolicy(Policy):
     def select(self, sel: Selection) -> torch.Tensor:
         if self.weight is not None:
             return torch.full_like(sel.loss_teacher, self.weight)
-        if sel.z_teacher.shape[-1] == 1:
+        if sel.kind == "regression":
             return torch.full_like(sel.loss_teacher, 0.5)
-        c_t = sel.z_teacher.softmax(-1).max(-1).values
-        c_u = sel.z_tutor.softmax(-1).max(-1).values
+        if sel.kind == "lm":  # the mean top-1 probability over the sequence's tokens
+            c_t, c_u = sel.z_teacher[:, 1], sel.z_tutor[:, 1]
+        else:
+            c_t = sel.z_teacher.softmax(-1).max(-1).values
+            c_u = sel.z_tutor.softmax(-1).max(-1).values
         return (c_t / (c_t + c_u)).to(sel.loss_teacher.dtype)
 
 

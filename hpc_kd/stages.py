@@ -48,7 +48,7 @@ def _without_execution(settings: dict) -> dict:
 LATER_FIELDS = {"loss_args": None}
 #: data keys added after schema 2, left out of a signature at their default, so that runs from
 #: before them are still found (an explicit metric equal to the task's default is the default).
-LATER_DATA_KEYS = {"text_pair_column": None, "also_evaluate": [], "metric": None}
+LATER_DATA_KEYS = {"task": "classification", "text_pair_column": None, "also_evaluate": [], "metric": None}
 
 
 def _data_settings(data: dict, cfg: DataConfig) -> dict:
@@ -178,7 +178,7 @@ class FineTune(Stage):
 
         tokenizer = load_tokenizer(self.pretrained)
         dataset = Dataset.build(self.data, tokenizer)
-        model = load_pretrained(self.pretrained, self.data.num_labels, self.seed)
+        model = load_pretrained(self.pretrained, self.data.num_labels, self.seed, lm=self.data.lm)
         if self.layers is not None and self.layers != depth(model):
             model = shrink(model, self.layers, self.init, self.seed)
         from .step import Task
@@ -329,7 +329,7 @@ class Distill(Stage):
         if isinstance(self.init_from, ModelRef):
             source = load_classifier(self.init_from.path(root))
         else:
-            source = load_pretrained(self.init_from, self.data.num_labels, self.seed)
+            source = load_pretrained(self.init_from, self.data.num_labels, self.seed, lm=self.data.lm)
         student = shrink(source, self.layers, self.init, self.seed)
         if self.teacher_cache is not None:
             teacher = CachedLogits(self.teacher_cache.load(root, dataset, run_cfg), device)

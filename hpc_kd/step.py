@@ -169,20 +169,40 @@ def _losses(task: Task, o: dict) -> dict:
     return o
 
 
+def sequence_summary(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """What a policy sees of a language model's logits [B, T, V], per sequence: the share of its
+    predicted tokens whose top-1 is the gold next token, and its mean top-1 probability (its
+    confidence); [B, 2]. (Its logits themselves would be B x T x V numbers to gather.)"""
+    z, target = z[:, :-1].detach().float(), y[:, 1:]
+    mask = target != -100
+    right = (z.argmax(-1) == target).to(torch.float32)
+    confidence = z.softmax(-1).amax(-1)
+    return torch.stack([losses.token_mean(right, mask), losses.token_mean(confidence, mask)], dim=1)
+
+
 def select(policy: Policy, outs: list[dict], step: int, total_steps: int, seed: int) -> torch.Tensor:
     """The policy's weights for the whole batch (one per example, in batch order), the same on
     every rank: what it sees is gathered from all of them, rank 0's answer is broadcast."""
+    lm = losses.language_model(outs[0]["z_s"])
+
     def rows(o):
         r = o["m"].real
-        cols = [o["l_t"][:r, None], o["l_u"][:r, None], o["z_s"][:r], o["z_t"][:r], o["z_u"][:r].float(),
-                o["m"].batch["labels"][:r, None].to(torch.float32)]
+        y = o["m"].batch["labels"]
+        if lm:  # per-sequence summaries stand for the logits; there is no one label
+            z = [sequence_summary(o[k][:r], y[:r]) for k in ("z_s", "z_t", "z_u")]
+            label = torch.zeros(r, 1)
+        else:
+            z = [o["z_s"][:r], o["z_t"][:r], o["z_u"][:r].float()]
+            label = y[:r, None].to(torch.float32)
+        cols = [o["l_t"][:r, None], o["l_u"][:r, None], *z, label]
         return torch.cat([c.detach().to(torch.float64).cpu() for c in cols], dim=1)
 
     table = distributed.gather_rows(torch.cat([rows(o) for o in outs]))
-    c = outs[0]["z_s"].shape[1]
+    c = 2 if lm else outs[0]["z_s"].shape[1]
     f32 = table.to(torch.float32)  # exact: every value was a float32 (or a small integer)
     labels = f32[:, -1] if c == 1 else table[:, -1].to(torch.int64)  # a regression's labels are real
+    kind = "lm" if lm else "regression" if c == 1 else "classes"
     sel = Selection(f32[:, 0], f32[:, 1], f32[:, 2:2 + c], f32[:, 2 + c:2 + 2 * c], f32[:, 2 + 2 * c:2 + 3 * c],
-                    labels, step, total_steps, seed)
+                    labels, step, total_steps, seed, kind)
     w = policy.select(sel).to(torch.float32).cpu()
     return distributed.broadcast(w)

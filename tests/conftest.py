@@ -35,7 +35,12 @@ def build_tiny_model(path: Path, layers: int = TINY_LAYERS) -> Path:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w, _ in words.most_common(2000)]
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    # transformers 5 builds a fast tokenizer from a ``vocab`` mapping and silently keeps only the
+    # special tokens when given a ``vocab_file`` (every word was [UNK]); transformers 4 the reverse
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}, do_lower_case=True)
+    if tokenizer.tokenize("a funny film") != ["a", "funny", "film"]:
+        tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    assert tokenizer.tokenize("a funny film") == ["a", "funny", "film"], "the tiny tokenizer lost its vocabulary"
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)
     torch.manual_seed(0)
@@ -55,6 +60,32 @@ def require_slurm() -> None:
     if os.environ.get("HPC_KD_REQUIRE_SLURM") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def build_tiny_decoder(path: Path, layers: int = TINY_LAYERS) -> Path:
+    """A tiny random-initialised Llama (hidden 32) with the word-level tokenizer of the tiny BERT:
+    a decoder for the language-model tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    build_tiny_model(path, layers)  # the tokenizer files (and a BERT we replace)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    for name in ("model.safetensors", "config.json"):
+        (path / name).unlink()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> Path:
+    return build_tiny_decoder(tmp_path_factory.mktemp("tiny_decoder") / "llama")
 
 
 @pytest.fixture(scope="session")

@@ -173,7 +173,7 @@ def test_correct_first_and_ensemble_on_one_output():
 
     labels = torch.tensor([1.0, 4.0, 2.0])
     z_t, z_u = torch.tensor([[1.2], [3.0], [2.5]]), torch.tensor([[0.5], [3.5], [1.5]])
-    sel = Selection(torch.tensor([0.1, 0.9, 0.3]), torch.tensor([0.2, 0.1, 0.3]), torch.zeros(3, 1), z_t, z_u, labels, 0, 10)
+    sel = Selection(torch.tensor([0.1, 0.9, 0.3]), torch.tensor([0.2, 0.1, 0.3]), torch.zeros(3, 1), z_t, z_u, labels, 0, 10, kind="regression")
     # closer to the gold value first; equally close (the third): the lower loss, ties to the tutor
     assert make_policy("correct_first").select(sel).tolist() == [1.0, 0.0, 0.0]
     assert make_policy("ensemble").select(sel).tolist() == [0.5, 0.5, 0.5]
