@@ -8,13 +8,13 @@ from hpc_kd.models import load_tokenizer
 
 
 def test_embedded_split_is_deterministic_disjoint_and_complete():
-    splits = _load_embedded()
+    splits = _load_embedded(DataConfig())
     sizes = {k: len(v) for k, v in splits.items()}
     assert sum(sizes.values()) == 8530
     assert sizes == {"train": 6848, "validation": 852, "test": 830}
     ids = [set(s.ids.tolist()) for s in splits.values()]
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
-    again = _load_embedded()
+    again = _load_embedded(DataConfig())
     for name in splits:
         assert splits[name].fingerprint() == again[name].fingerprint()
     assert set(np.unique(splits["train"].labels)) == {0, 1}
