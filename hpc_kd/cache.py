@@ -239,3 +239,164 @@ class LogitCache:
     def logits(self, example_ids: torch.Tensor) -> torch.Tensor:
         rows = np.searchsorted(self.ids, example_ids.cpu().numpy())
         return self.logits_table[torch.from_numpy(rows)]
+
+
+# -- sparse caches: a language model's top-k (or sampled) targets per token ---------------------
+#
+#   part-r000-00000.parquet   example_id: int64, position: int32, ids: fixed_size_list<int32>[k],
+#                             log_probs: fixed_size_list<float32 | float16>[k], tail: float32
+#
+# One row per predicted token (position t of a sequence predicts token t + 1), sorted by
+# (example_id, position); a sequence never spans two shards. The manifest adds ``sparse`` (kind,
+# k, precision, tau: the targets are tempered when written) and counts rows as tokens. The same
+# producer fingerprint, per-rank shards, checksums and validation as the dense caches.
+
+
+def sparse_rows(model, encoded, rows: np.ndarray, sparse: dict, device, batch_size: int, seed: int) -> pa.Table:
+    """The sparse targets of the sequences ``rows`` of ``encoded``, one table row per token."""
+    from .data import eval_batches
+    from .sparse import sampled, top_k
+    from .sources import forward
+
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = {}
+    lengths = np.array([len(encoded.tokens[r]) for r in rows])
+    for local in eval_batches(lengths, batch_size):
+        batch = {k: v.to(device) for k, v in encoded.collate(rows[local]).items()}
+        z = forward(model, batch).float()[:, :-1].cpu()
+        t = top_k(z, sparse["k"], sparse["tau"]) if sparse["kind"] == "top_k" else sampled(z, sparse["k"], sparse["tau"], gen)
+        for j, i in enumerate(local):
+            n = max(int(lengths[i]) - 1, 0)
+            per_seq[i] = (t.ids[j, :n], t.log_probs[j, :n], t.tail[j, :n])
+    k = sparse["k"]
+    value = np.float16 if sparse["precision"] == "float16" else np.float32
+    ids = np.concatenate([per_seq[i][0].numpy().astype(np.int32).reshape(-1, k) for i in range(len(rows))])
+    logp = np.concatenate([per_seq[i][1].numpy().reshape(-1, k) for i in range(len(rows))]).astype(value)
+    tail = np.concatenate([per_seq[i][2].numpy() for i in range(len(rows))]).astype(np.float32)
+    example = np.repeat(encoded.ids[rows], [max(int(n) - 1, 0) for n in lengths])
+    position = np.concatenate([np.arange(max(int(n) - 1, 0), dtype=np.int32) for n in lengths])
+    return pa.Table.from_arrays([
+        pa.array(example, type=pa.int64()), pa.array(position, type=pa.int32()),
+        pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), type=pa.int32()), k),
+        pa.FixedSizeListArray.from_arrays(pa.array(logp.reshape(-1)), k), pa.array(tail, type=pa.float32())],
+        names=["example_id", "position", "ids", "log_probs", "tail"])
+
+
+@torch.no_grad()
+def write_sparse_rank(folder: Path, model, encoded, prod: dict, sparse: dict, *, rows_per_shard: int = 4096,
+                      batch_size: int = 16, device="cpu", rank: int = 0, world_size: int = 1, progress: bool = False) -> list[dict]:
+    """:func:`write_rank` for a language model's sparse targets (``rows_per_shard`` sequences)."""
+    from tqdm.auto import tqdm
+
+    from .rundir import write_atomic
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = model.eval().to(device)
+    order = np.argsort(encoded.ids, kind="stable")
+    mine = np.array_split(order, world_size)[rank]
+    fingerprint = _fingerprint_text(prod)
+    infos = []
+    chunks = [mine[i:i + rows_per_shard] for i in range(0, len(mine), rows_per_shard)]
+    bar = tqdm(total=len(mine), disable=not progress, leave=False, desc=f"cache {folder.parent.name} r{rank}", unit="seq")
+    for index, rows in enumerate(chunks):
+        path = folder / _shard_name(rank, index)
+        ids = encoded.ids[rows]
+        if not _sparse_shard_ok(path, ids, fingerprint):
+            table = sparse_rows(model, encoded, rows, sparse, device, batch_size, seed=rank * 100003 + index)
+            table = table.replace_schema_metadata({"producer": fingerprint})
+            tmp = path.with_name("." + path.name + ".tmp")
+            pq.write_table(table, tmp)
+            tmp.replace(path)
+        n = pq.read_metadata(path).num_rows
+        infos.append({"file": path.name, "rank": rank, "rows": int(n), "sha256": file_sha256(path),
+                      "min_id": int(ids[0]), "max_id": int(ids[-1])})
+        bar.update(len(rows))
+    bar.close()
+    write_atomic(folder / f"shards-r{rank:03d}.json", json.dumps(infos))
+    return infos
+
+
+def _sparse_shard_ok(path: Path, ids: np.ndarray, fingerprint: str) -> bool:
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        if meta.get(b"producer") != fingerprint.encode():
+            return False
+        got = np.unique(_read_shard(path).column("example_id").to_numpy())
+        return np.array_equal(got, np.unique(ids))
+    except Exception:
+        return False
+
+
+def write_sparse_cache(folder: Path, model, encoded, prod: dict, sparse: dict, vocab: int, **kw) -> dict:
+    """:func:`write_cache` for sparse targets: every rank its slice, then rank 0 the manifest."""
+    from . import distributed
+
+    world = distributed.current()
+    kw["progress"] = kw.get("progress", False) and world.is_main
+    write_sparse_rank(folder, model, encoded, prod, sparse, rank=world.rank, world_size=world.size, **kw)
+    distributed.barrier()
+    manifest = None
+    if world.is_main:
+        manifest = finalize(folder, prod, vocab, world_size=world.size)
+        manifest["sparse"] = dict(sparse)
+        write_json(Path(folder) / "manifest.json", manifest)
+    return distributed.broadcast(manifest)
+
+
+class SparseLogitCache:
+    """Validated sparse targets, looked up by example id as :class:`hpc_kd.sparse.SparseTargets`
+    padded to a batch's width."""
+
+    def __init__(self, starts: dict, table: dict, manifest: dict):
+        self.starts, self.table, self.manifest = starts, table, manifest
+
+    @classmethod
+    def open(cls, folder: Path, expected: dict, ids: np.ndarray, sparse: dict) -> "SparseLogitCache":
+        folder = Path(folder)
+        try:
+            manifest, tables = _checked_shards(folder, expected)
+            if manifest.get("sparse") != sparse:
+                raise CacheError(f"{folder}: sparse settings {manifest.get('sparse')} are not {sparse}")
+        except (ValueError, KeyError, TypeError, AttributeError, OSError, pa.ArrowException) as err:
+            raise CacheError(f"{folder}: manifest.json cannot be read or lacks a field "
+                             f"({type(err).__name__}: {err})") from None
+        table = pa.concat_tables(tables).combine_chunks()
+        if table.num_rows != manifest["total_rows"]:
+            raise CacheError(f"{folder}: {table.num_rows} rows, manifest says {manifest['total_rows']}")
+        example = table.column("example_id").to_numpy()
+        position = table.column("position").to_numpy()
+        if np.any(np.diff(example) < 0):
+            raise CacheError(f"{folder}: rows are not sorted by example id")
+        uniq, start, count = np.unique(example, return_index=True, return_counts=True)
+        expected_pos = np.arange(len(example)) - np.repeat(start, count)
+        if not np.array_equal(position, expected_pos):
+            raise CacheError(f"{folder}: positions are not 0, 1, ... within each sequence")
+        missing = ~np.isin(ids, uniq)
+        if missing.any():
+            raise CacheError(f"{folder}: {int(missing.sum())} of {len(ids)} training sequences have no cached targets")
+        k = sparse["k"]
+        cols = {
+            "ids": torch.from_numpy(table.column("ids").chunk(0).values.to_numpy().astype(np.int64).reshape(-1, k)),
+            "log_probs": torch.from_numpy(table.column("log_probs").chunk(0).values.to_numpy().astype(np.float32).reshape(-1, k)),
+            "tail": torch.from_numpy(table.column("tail").to_numpy().astype(np.float32)),
+        }
+        return cls({int(i): (int(s), int(c)) for i, s, c in zip(uniq, start, count)}, cols, manifest)
+
+    def targets(self, example_ids: torch.Tensor, width: int):
+        """The targets of a batch whose sequences are ``width`` tokens wide: [B, width − 1, k]
+        (positions a sequence does not have are padding)."""
+        from .sparse import SparseTargets
+
+        k = self.table["ids"].shape[1]
+        b = len(example_ids)
+        ids = torch.zeros((b, width - 1, k), dtype=torch.int64)
+        logp = torch.full((b, width - 1, k), -torch.inf)
+        tail = torch.full((b, width - 1), -torch.inf)
+        for row, ex in enumerate(example_ids.tolist()):
+            start, count = self.starts[int(ex)]
+            n = min(count, width - 1)
+            ids[row, :n] = self.table["ids"][start:start + n]
+            logp[row, :n] = self.table["log_probs"][start:start + n]
+            tail[row, :n] = self.table["tail"][start:start + n]
+        return SparseTargets(ids, logp, tail)

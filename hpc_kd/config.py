@@ -350,6 +350,13 @@ class DistillConfig:
     #: normalized: momentum of the running loss means. (Policy parameters are read only by the
     #: policy they name, and only then part of a signature.)
     normalized_momentum: float = 0.9
+    #: causal_lm caches: top_k (the teacher's k most likely tokens and the mass of the rest) or
+    #: sampled (k draws from its distribution, as frequencies: unbiased); see hpc_kd/sparse.py.
+    sparse_targets: Literal["top_k", "sampled"] = "top_k"
+    #: causal_lm caches: entries per token (k, or the number of draws).
+    sparse_k: int = 64
+    #: causal_lm caches: the precision the log-probabilities are stored in.
+    sparse_precision: Literal["float32", "float16"] = "float32"
     #: random: probability that the control picks the teacher for a batch.
     random_teacher_prob: float = 0.5
     #: anneal: how the teacher's weight rises from 0 to 1 over the run.
@@ -376,6 +383,10 @@ class DistillConfig:
             raise ConfigError("random_teacher_prob", f"must be in [0, 1], got {self.random_teacher_prob}")
         if self.ensemble_weight is not None and not 0 <= self.ensemble_weight <= 1:
             raise ConfigError("ensemble_weight", f"must be in [0, 1] or null, got {self.ensemble_weight}")
+        _at_least(self, "sparse_k", 1)
+        if self.sparse_targets == "sampled" and self.loss == "reverse_kl":
+            raise ConfigError("loss", "reverse_kl is infinite against sampled targets (no mass outside the draws); "
+                                      "use top_k targets or skew_reverse_kl")
         if self.bandit_c < 0:
             raise ConfigError("bandit_c", f"must be >= 0, got {self.bandit_c}")
         _at_least(self, "bandit_probe", 1)

@@ -173,8 +173,8 @@ def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-token values [B, T] -> one per sequence [B]: the mean over the positions where ``mask``
     is 1 (a sequence without any is 0). Every sequence weighs the same in a batch whatever its
     length; a policy compares sources on these token means."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum(dim=-1) / mask.sum(dim=-1).clamp_min(1)
+    keep = mask.bool()
+    return torch.where(keep, values, torch.zeros_like(values)).sum(dim=-1) / keep.sum(dim=-1).clamp_min(1)
 
 
 DISTILL_TERMS = {"kl": kl_term, "reverse_kl": reverse_kl_term, "jsd": jsd_term, "skew_kl": skew_kl_term,
@@ -203,7 +203,9 @@ def distillation_loss(
     carry no gradient. For regression (one output): ``α · (z_S − z_T)² + (1 − α) · (z_S − y)²``.
     ``term`` names any of :data:`DISTILL_TERMS` (``args``: its parameters, e.g. ``{"beta": 0.5}``).
     """
-    if language_model(z_s):  # per token, then the mean over each sequence's predicted tokens
+    if hasattr(z_t, "bins"):  # a language model's sparse targets [B, T − 1, k] (hpc_kd.sparse)
+        soft = token_mean(_sparse_per_token(term, z_s, z_t, y, tau, args), y[:, 1:] != -100)
+    elif language_model(z_s):  # per token, then the mean over each sequence's predicted tokens
         per_token = DISTILL_TERMS[term](z_s[:, :-1], z_t[:, :-1].detach(), tau, **(args or {}))
         soft = token_mean(per_token, y[:, 1:] != -100)
     elif regression(z_s):
@@ -211,6 +213,19 @@ def distillation_loss(
     else:
         soft = DISTILL_TERMS[term](z_s, z_t.detach(), tau, **(args or {}))
     return alpha * soft + (1.0 - alpha) * gold_loss(z_s, y)
+
+
+def _sparse_per_token(term: str, z_s: torch.Tensor, targets, y: torch.Tensor, tau: float, args) -> torch.Tensor:
+    """The divergence against sparse targets at the predicted (unpadded) tokens only, 0 elsewhere
+    (padding positions hold no distribution, and are never computed)."""
+    from .sparse import SparseTargets, divergence
+
+    mask = y[:, 1:] != -100
+    at = mask.nonzero(as_tuple=True)
+    picked = SparseTargets(targets.ids[at], targets.log_probs[at], targets.tail[at])
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=z_s.device)
+    out[at] = divergence(term, z_s[:, :-1][at], picked, tau, **(args or {}))
+    return out
 
 
 def mix_targets(z_t: torch.Tensor, z_u: torch.Tensor, w: torch.Tensor, tau: float, term: str = "kl") -> torch.Tensor:

@@ -68,10 +68,14 @@ def chain(cfg: ExperimentConfig) -> list[Stage]:
     stages: list[Stage] = []
     cached = d.targets == "cache"
 
+    # a language model's caches hold sparse targets, tempered when written (so tau is theirs)
+    sparse = ({"kind": d.sparse_targets, "k": d.sparse_k, "precision": d.sparse_precision, "tau": d.tau}
+              if cfg.data.lm else None)
+
     def cache_of(ref: ModelRef) -> CacheLogits | None:
         if not cached:
             return None
-        stage = CacheLogits(cfg.data, ref)
+        stage = CacheLogits(cfg.data, ref, sparse=sparse)
         stages.append(stage)
         return stage
 
@@ -91,7 +95,8 @@ def chain(cfg: ExperimentConfig) -> list[Stage]:
     mode = tutor_mode(cfg)
     for iteration, depth in enumerate(cfg.student.layers, start=1):
         teacher_cache = cache_of(teacher_ref)
-        tutor_cache = cache_of(tutor_ref) if mode.cached(d.targets) else None
+        # a language model's frozen tutor runs live: its own sparse support would not be the teacher's
+        tutor_cache = cache_of(tutor_ref) if mode.cached(d.targets) and not cfg.data.lm else None
         student = Distill(
             cfg.data, teacher_ref, tutor_ref if mode.exists else None, source(cfg.student.init_from, teacher_ref),
             depth, cfg.student.init, cfg.seed,
@@ -123,10 +128,12 @@ def check(cfg: ExperimentConfig, data_checked: set | None = None) -> ExperimentC
     if d.loss not in DISTILL_TERMS:
         raise ConfigError("distill.loss", f"unknown loss {d.loss!r}; allowed: {', '.join(DISTILL_TERMS)}")
     data = cfg.data
-    if data.lm and (d.targets == "cache" or d.tutor_update == "refresh"):
-        key = "distill.targets" if d.targets == "cache" else "distill.tutor_update"
-        raise ConfigError(key, "task causal_lm: logit caches for language models (sparse top-k shards) are not "
-                               "wired in yet; set distill.targets: live (and tutor_update online or frozen)")
+    if data.lm and d.tutor_update == "refresh":
+        raise ConfigError("distill.tutor_update", "refresh is not built for task causal_lm (its per-epoch tutor cache "
+                                                  "would be a sparse one on another support); use online or frozen")
+    if data.lm and d.loss == "mse" and d.targets == "cache":
+        raise ConfigError("distill.loss", "mse needs dense logits; a language model's cache holds sparse targets "
+                                          "(use a divergence, or distill.targets: live)")
     if data.source == "local":
         for key in ("train_file", "validation_file", "test_file"):
             value = getattr(data, key)

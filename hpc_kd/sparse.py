@@ -103,3 +103,25 @@ def divergence(name: str, student_logits: torch.Tensor, targets: SparseTargets, 
     if name not in DIVERGENCES:
         raise ValueError(f"{name!r} needs dense logits; sparse targets serve {', '.join(DIVERGENCES)}")
     return (tau * tau) * DIVERGENCES[name](on_support(student_logits, targets, tau), targets.bins(), **args)
+
+
+def project(logits: torch.Tensor, targets: SparseTargets, tau: float = 1.0) -> SparseTargets:
+    """A dense model's distribution as sparse targets on ``targets``' support (the same ids and a
+    tail of the rest of its mass): how a live tutor is compared with a sparse cached teacher."""
+    bins = on_support(logits, targets, tau)
+    return SparseTargets(targets.ids, bins[..., :-1], bins[..., -1])
+
+
+def mix(a: SparseTargets, b: SparseTargets, w: torch.Tensor) -> SparseTargets:
+    """``w · a + (1 − w) · b`` of two targets on one support (``w``: one weight per sequence)."""
+    w = w.view(-1, *([1] * (a.log_probs.dim() - 1))).to(a.log_probs.dtype)
+    lw, l1w = torch.log(w.clamp_min(1e-30)), torch.log((1 - w).clamp_min(1e-30))
+    bins = torch.logaddexp(a.bins() + lw, b.bins() + l1w)
+    bins = torch.where((w == 1) | (w == 0), torch.where(w == 1, a.bins(), b.bins()), bins)
+    return SparseTargets(a.ids, bins[..., :-1], bins[..., -1])
+
+
+def top1(targets: SparseTargets) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most probable stored token per position and its probability."""
+    best = targets.log_probs.argmax(-1, keepdim=True)
+    return targets.ids.gather(-1, best).squeeze(-1), targets.log_probs.gather(-1, best).squeeze(-1).exp()

@@ -45,7 +45,7 @@ def _without_execution(settings: dict) -> dict:
 
 
 #: stage fields added after schema 2, left out of a signature at their default (as below)
-LATER_FIELDS = {"loss_args": None}
+LATER_FIELDS = {"loss_args": None, "sparse": None}
 #: data keys added after schema 2, left out of a signature at their default, so that runs from
 #: before them are still found (an explicit metric equal to the task's default is the default).
 LATER_DATA_KEYS = {"task": "classification", "text_pair_column": None, "also_evaluate": [], "metric": None}
@@ -198,6 +198,8 @@ class CacheLogits(Stage):
     data: DataConfig
     model: ModelRef
     split: str = "train"
+    #: a language model's sparse targets: kind, k, precision, tau (hpc_kd.cache, hpc_kd.sparse)
+    sparse: dict | None = None
     role: str = "cache"
     kind = "cache"
     depth = None
@@ -223,6 +225,16 @@ class CacheLogits(Stage):
         model_dir = self.model.path(root)
         dataset = Dataset.build(self.data, load_tokenizer(str(model_dir)))
         model = load_classifier(model_dir)
+        if self.sparse is not None:
+            from .cache import write_sparse_cache
+
+            manifest = write_sparse_cache(self.folder(root), model, dataset.encoded[self.split], self.expected(root, dataset),
+                                          self.sparse, model.get_output_embeddings().weight.shape[0],
+                                          rows_per_shard=run_cfg.cache_rows_per_shard, device=_device(run_cfg),
+                                          progress=_trainer_options(run_cfg, None)["progress"])
+            return {"kind": "cache", "rows": manifest["total_rows"], "shards": len(manifest["shards"]),
+                    "bytes": manifest["bytes"], "producer": manifest["producer"], "sparse": self.sparse,
+                    "layers": depth(model)}
         manifest = write_cache(self.folder(root), model, dataset.encoded[self.split], self.expected(root, dataset),
                                self.data.num_labels, rows_per_shard=run_cfg.cache_rows_per_shard,
                                device=_device(run_cfg), progress=_trainer_options(run_cfg, None)["progress"])
@@ -241,9 +253,17 @@ class CacheLogits(Stage):
 
         expected = self.expected(root, dataset)
         ids = dataset.encoded[self.split].ids
+        if self.sparse is not None:
+            from .cache import SparseLogitCache
+
+            def open_cache():
+                return SparseLogitCache.open(self.folder(root), expected, ids, self.sparse)
+        else:
+            def open_cache():
+                return LogitCache.open(self.folder(root), expected, ids)
         try:
             error = None
-            cache = LogitCache.open(self.folder(root), expected, ids)
+            cache = open_cache()
         except CacheError as err:
             error = str(err)
         if distributed.broadcast(error) is None:  # rank 0's verdict is everyone's
@@ -256,7 +276,7 @@ class CacheLogits(Stage):
         with run.owned(wait=True, log=log):
             if distributed.current().is_main:
                 try:
-                    LogitCache.open(self.folder(root), expected, ids)
+                    open_cache()
                     rebuilt_meanwhile = True
                 except CacheError:
                     rebuilt_meanwhile = False
@@ -267,7 +287,7 @@ class CacheLogits(Stage):
                     shutil.rmtree(self.folder(root), ignore_errors=True)
                 distributed.barrier()
                 self._run(root, run, run_cfg, None)
-        return LogitCache.open(self.folder(root), expected, ids)
+        return open_cache()
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import distributed, losses
+from . import distributed, losses, sparse
 from .policies import Policy, Selection
 from .sources import LearningTutor, TargetSource, forward
 
@@ -106,7 +106,7 @@ def train_step(task: Task, student, micro: list[Micro], n: int, *, step: int, to
             z_s = forward(student.model, m.batch).float()
             y = m.batch["labels"]
             per_example = losses.gold_loss(z_s, y) if task.teacher is None else \
-                task.distill(z_s, task.teacher.logits(m.batch).float(), y)
+                task.distill(z_s, targets(task.teacher, m.batch), y)
             student.step((m.mask * per_example).sum() * scale)
             loss_sum += float((m.mask * per_example).detach().sum())
         if task.teacher is not None:
@@ -128,7 +128,7 @@ def _teid(task: Task, student, micro: list[Micro], n: int, scale: float, step: i
         with torch.no_grad() if two_pass else nullcontext():
             z_s = forward(student.model, m.batch).float()
             z_u = task.tutor.logits(m.batch)  # keeps its graph for a live online tutor's update
-        outs.append(_losses(task, {"m": m, "z_s": z_s, "z_u": z_u, "z_t": task.teacher.logits(m.batch).float()}))
+        outs.append(_losses(task, {"m": m, "z_s": z_s, "z_u": z_u, "z_t": targets(task.teacher, m.batch)}))
     w_all = select(task.policy, outs, step, total_steps, seed)
     total_w = float(w_all.sum())
     update_tutor = task.tutor_learns and total_w > 0  # the same on every rank: w_all is
@@ -143,7 +143,10 @@ def _teid(task: Task, student, micro: list[Micro], n: int, scale: float, step: i
         w = w_all[m.start: m.start + m.real] if m.real else torch.zeros(1)
         w = w.to(o["l_t"].device, o["l_t"].dtype)
         if task.policy.mixes_targets:
-            z_mix = losses.mix_targets(o["z_t"], o["z_u"].detach().float(), w, task.tau, task.term)
+            if sparse_targets(o["z_t"]):  # the two distributions mixed on the teacher's support
+                z_mix = sparse.mix(o["z_t"], _on_support(o["z_u"].detach(), o["z_t"], task.tau), w)
+            else:
+                z_mix = losses.mix_targets(o["z_t"], o["z_u"].detach().float(), w, task.tau, task.term)
             per_example = task.distill(o["z_s"], z_mix, y)
         else:
             per_example = w * o["l_t"] + (1 - w) * o["l_u"]
@@ -162,21 +165,45 @@ def _teid(task: Task, student, micro: list[Micro], n: int, scale: float, step: i
     return loss_sum
 
 
+def targets(source, batch):
+    """A source's targets for ``batch``: float logits, or a language model's sparse targets."""
+    t = source.logits(batch)
+    return t if sparse_targets(t) else t.float()
+
+
+def sparse_targets(t) -> bool:
+    return isinstance(t, sparse.SparseTargets)
+
+
 def _losses(task: Task, o: dict) -> dict:
+    """Both sources' per-example losses. Like with like: against a sparse cached teacher, the
+    (dense, live) tutor is put on the teacher's support first, so that a tutor equal to the
+    teacher ties with it instead of winning or losing by the tail's treatment."""
     y = o["m"].batch["labels"]
     o["l_t"] = task.distill(o["z_s"], o["z_t"], y)
-    o["l_u"] = task.distill(o["z_s"], o["z_u"].detach().float(), y)
+    z_u = o["z_u"].detach().float()
+    o["l_u"] = task.distill(o["z_s"], _on_support(z_u, o["z_t"], task.tau) if sparse_targets(o["z_t"]) else z_u, y)
     return o
 
 
-def sequence_summary(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """What a policy sees of a language model's logits [B, T, V], per sequence: the share of its
-    predicted tokens whose top-1 is the gold next token, and its mean top-1 probability (its
-    confidence); [B, 2]. (Its logits themselves would be B x T x V numbers to gather.)"""
-    z, target = z[:, :-1].detach().float(), y[:, 1:]
+def _on_support(z: torch.Tensor, teacher: "sparse.SparseTargets", tau: float) -> "sparse.SparseTargets":
+    """A language model's dense logits [B, T, V] as targets on the teacher's support (its
+    positions predict tokens 1..T−1, as the teacher's targets do)."""
+    return sparse.project(z[:, :-1].float(), teacher, tau)
+
+
+def sequence_summary(z, y: torch.Tensor) -> torch.Tensor:
+    """What a policy sees of a language model's logits [B, T, V] (or sparse targets), per
+    sequence: the share of its predicted tokens whose top-1 is the gold next token, and its mean
+    top-1 probability (its confidence); [B, 2]. (Its logits would be B x T x V numbers to gather.)"""
+    target = y[:, 1:]
     mask = target != -100
-    right = (z.argmax(-1) == target).to(torch.float32)
-    confidence = z.softmax(-1).amax(-1)
+    if sparse_targets(z):
+        best, confidence = sparse.top1(z)
+    else:
+        z = z[:, :-1].detach().float()
+        best, confidence = z.argmax(-1), z.softmax(-1).amax(-1)
+    right = (best == target).to(torch.float32)
     return torch.stack([losses.token_mean(right, mask), losses.token_mean(confidence, mask)], dim=1)
 
 
@@ -189,7 +216,7 @@ def select(policy: Policy, outs: list[dict], step: int, total_steps: int, seed: 
         r = o["m"].real
         y = o["m"].batch["labels"]
         if lm:  # per-sequence summaries stand for the logits; there is no one label
-            z = [sequence_summary(o[k][:r], y[:r]) for k in ("z_s", "z_t", "z_u")]
+            z = [sequence_summary(o[k], y)[:r] for k in ("z_s", "z_t", "z_u")]
             label = torch.zeros(r, 1)
         else:
             z = [o["z_s"][:r], o["z_t"][:r], o["z_u"][:r].float()]
