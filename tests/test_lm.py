@@ -123,7 +123,7 @@ def test_a_sparse_cache_holds_each_tokens_targets_keyed_by_sequence_and_position
     from hpc_kd.cache import CacheError, SparseLogitCache
     from hpc_kd.data import Dataset
     from hpc_kd.models import load_classifier, load_tokenizer
-    from hpc_kd.sparse import sampled, top_k
+    from hpc_kd.sparse import top_k
 
     plan = make_plan(tiny_decoder, tmp_path, **cached_sections(tiny_decoder, distill={
         "sparse_targets": kind, "sparse_precision": precision, "tau": 2.0}))
