@@ -24,3 +24,13 @@ def test_finetune_throughput_against_hf_trainer_runs_like_for_like(tiny_model):
     # the same batches: the HF Trainer padded exactly as many tokens as hpc_kd (the script also checks each batch)
     assert rows["HF Trainer, same batches"] == rows["hpc_kd loop"] == rows["hpc_kd DeepSpeed"]
     assert "throughput ratio, hpc_kd DeepSpeed / HF Trainer (same batches):" in out.stdout
+
+
+@pytest.mark.slow
+def test_sparse_fidelity_runs_on_a_decoder(tiny_decoder):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sparse_fidelity.py"), "--pretrained", str(tiny_decoder),
+                          "--tokens", "64", "--ks", "4", "--student-layers", "2", "--draws", "2", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ") and "| 4 |" in line]
+    assert names == ["4", "top-k + tail", "top-k renormalised", "sampled (one draw set)", "sampled (mean of 2)"]
