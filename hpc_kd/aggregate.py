@@ -18,9 +18,11 @@ from .rundir import SweepDir, sweep_dir_argument, write_atomic
 from .status import State, ordered, stage_states
 
 COLUMNS = ["role", "depth", "iteration", "chain", "policy", "seed", "tutor_update", "metric", "test_score",
-           "test_acc", "test_macro_f1", "val_score", "val_acc", "val_macro_f1", "teacher_share", "teacher_batches",
-           "collapsed", "params", "state", "run"]
-#: ``test_score`` / ``val_score`` are the task's metric (``metric``); a run's further evaluated
+           "test_acc", "test_macro_f1", "test_nll", "val_score", "val_acc", "val_macro_f1", "val_nll", "val_ppl",
+           "agreement", "teacher_share", "teacher_batches", "collapsed", "params", "state", "run"]
+#: ``test_score`` / ``val_score`` are the task's metric (``metric``; a language model's is −token
+#: NLL, and its rows show ``*_nll``, validation perplexity and top-1 agreement with the teacher, with
+#: ``collapsed`` its degenerate flag); a run's further evaluated
 #: splits (``data.also_evaluate``) add ``<split>_score``. A sweep over ``data.name`` has a ``task``
 #: column.
 
@@ -43,6 +45,9 @@ def _row(root: Path, key: str, sweep: dict, extra: dict, states: dict) -> dict:
                 row[f"{prefix}_score"] = res[split].get("score", res[split].get("accuracy"))
                 row[f"{prefix}_acc"] = res[split].get("accuracy")
                 row[f"{prefix}_macro_f1"] = res[split].get("macro_f1")
+                row[f"{prefix}_nll"] = res[split].get("token_nll")
+        row["val_ppl"] = res["validation"].get("perplexity")
+        row["agreement"] = res["validation"].get("teacher_agreement")
         for split, value in res.items():  # data.also_evaluate
             if split not in ("validation", "test", "tutor_validation") and isinstance(value, dict) and "score" in value:
                 row[f"{split}_score"] = value["score"]
@@ -107,6 +112,8 @@ def shown_columns(rows: list[dict]) -> list[str]:
     cols = [c for c in columns_of(rows) if c in ("role", "state", "run") or any(r.get(c) is not None for r in rows)]
     if all(r.get("metric") in (None, "accuracy") for r in rows):
         cols = [c for c in cols if c not in ("test_acc", "val_acc")]
+    if all(r.get("metric") in (None, "token_nll") for r in rows):  # a language model's: the NLL columns
+        cols = [c for c in cols if c not in ("test_score", "val_score")]
     return cols
 
 

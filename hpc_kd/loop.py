@@ -124,7 +124,7 @@ class Progress:
 
 
 def evaluate(model, data: Encoded, batch_size: int, num_labels: int, device, per_example: bool = False,
-             metric: str = "accuracy") -> dict:
+             metric: str = "accuracy", reference=None) -> dict:
     """Metrics of ``model`` on ``data`` (:func:`hpc_kd.metrics.task_metrics`: ``score`` is
     ``metric``'s value); ``per_example`` adds, in the split's order, ``pred`` (the predicted class,
     or value for regression), for classification ``correct`` (0/1) and for a metric other than
@@ -136,7 +136,7 @@ def evaluate(model, data: Encoded, batch_size: int, num_labels: int, device, per
     batches = eval_batches(data.lengths, batch_size)
     mine = batches[world.rank::world.size]
     if data.lm:
-        return _evaluate_lm(model, data, batches, mine, device, per_example)
+        return _evaluate_lm(model, data, batches, mine, device, per_example, reference)
     if distributed.partitioned(model):
         rounds = math.ceil(len(batches) / world.size)
         mine = mine + [batches[0]] * (rounds - len(mine))
@@ -165,10 +165,11 @@ def evaluate(model, data: Encoded, batch_size: int, num_labels: int, device, per
     return metrics
 
 
-def _evaluate_lm(model, data: Encoded, batches, mine, device, per_example: bool) -> dict:
+def _evaluate_lm(model, data: Encoded, batches, mine, device, per_example: bool, reference=None) -> dict:
     """:func:`evaluate` for a language model: per sequence its summed next-token NLL, its number of
     predicted tokens and how many of them the top-1 got right, and over all tokens how often each
-    token was the top-1 (:func:`hpc_kd.metrics.lm_metrics`)."""
+    token was the top-1 (:func:`hpc_kd.metrics.lm_metrics`); with a ``reference`` model (the
+    teacher), ``teacher_agreement``: the share of tokens where both have the same top-1."""
     from .metrics import lm_metrics
 
     world = distributed.current()
@@ -185,16 +186,23 @@ def _evaluate_lm(model, data: Encoded, batches, mine, device, per_example: bool)
             nll = torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), target.reshape(-1), reduction="none",
                                                     ignore_index=-100).view(target.shape)
             top1 = z.argmax(-1)
+            agree = torch.zeros(len(index), dtype=torch.float64)
+            if reference is not None:
+                ref = forward(reference, batch).float()[:, :-1].argmax(-1)
+                agree = ((ref == top1) & mask).sum(-1).double().cpu()
             if i * world.size + world.rank < len(batches):  # not a repeat
                 hist += torch.bincount(top1[mask].cpu(), minlength=z.shape[-1]).to(torch.float64)
                 found.append(torch.stack([torch.as_tensor(index, dtype=torch.float64), (nll * mask).sum(-1).double().cpu(),
-                                          mask.sum(-1).double().cpu(), ((top1 == target) & mask).sum(-1).double().cpu()], 1))
+                                          mask.sum(-1).double().cpu(), ((top1 == target) & mask).sum(-1).double().cpu(),
+                                          agree], 1))
     model.train(was_training)
-    table = distributed.gather_rows(torch.cat(found) if found else torch.zeros((0, 4), dtype=torch.float64))
+    table = distributed.gather_rows(torch.cat(found) if found else torch.zeros((0, 5), dtype=torch.float64))
     hist = distributed.all_sum(hist)
     order = np.argsort(table[:, 0].numpy())
     nll, tokens, right = (table[order, j].numpy() for j in (1, 2, 3))
     metrics = lm_metrics(nll, tokens, right, hist.numpy())
+    if reference is not None:
+        metrics["teacher_agreement"] = float(table[order, 4].sum() / max(tokens.sum(), 1.0))
     if per_example:
         metrics["nll"] = nll.tolist()
         metrics["tokens"] = tokens.astype(int).tolist()
@@ -228,6 +236,8 @@ class Trainer:
         if task.tutor_learns:
             task.tutor.start(self._trainee)
         self.p = Progress(selection=new_selection())
+        #: a language model's teacher, for the top-1 agreement of the final evaluation (set by the stage)
+        self.reference = None
 
     def _trainee(self, model, cfg: TrainConfig):
         return Trainee(model, cfg, self.total_steps)
@@ -337,9 +347,9 @@ class Trainer:
             self.p.probe_loss = now
         return record
 
-    def _evaluate(self, model, split: str, per_example: bool = False) -> dict:
+    def _evaluate(self, model, split: str, per_example: bool = False, reference=None) -> dict:
         return evaluate(model, self.data.encoded[split], self.cfg.eval_batch_size, self.data.num_labels, self.device,
-                        per_example=per_example, metric=self.data.metric)
+                        per_example=per_example, metric=self.data.metric, reference=reference)
 
     def _save(self, model, path) -> None:
         save_model(model, self.tokenizer, path)
@@ -386,7 +396,7 @@ class Trainer:
         result = {"kind": self.task.kind, "threads": self.p.threads, "best_epoch": self.p.best_epoch, "epochs_run": self.p.epoch,
                   "steps": self.p.step, "train_seconds": round(seconds, 2)}
         for split in self.data.reported:  # validation, test, data.also_evaluate
-            result[split] = self._evaluate(best, split, per_example=True)
+            result[split] = self._evaluate(best, split, per_example=True, reference=self.reference)
         epochs = [m for m in self.run.metrics() if m["type"] == "epoch"]
         if self.task.teacher is not None:
             result["selection_per_epoch"] = [m["selection"] for m in epochs]

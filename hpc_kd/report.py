@@ -31,7 +31,7 @@ from .metrics import resampled_scores
 from .rundir import SweepDir, write_atomic
 
 GROUP_OMIT = ("seed", "val_acc", "val_macro_f1", "test_acc", "test_macro_f1", "teacher_share", "teacher_batches",
-              "collapsed", "params", "state", "run", "role", "metric")
+              "collapsed", "params", "state", "run", "role", "metric", "test_nll", "val_nll", "val_ppl", "agreement")
 SPLIT_KEY = {"test": "test", "validation": "val"}
 
 
@@ -102,7 +102,7 @@ def _per_example(root: Path, run: str, split: str, metric: str) -> np.ndarray | 
     """What the bootstrap resamples for one run: 0/1 per example for accuracy, else predictions
     (absent in older results: None)."""
     res = SweepDir(root).run(run).result()[split]
-    values = res.get("correct") if metric == "accuracy" else res.get("pred")
+    values = res.get({"accuracy": "correct", "token_nll": "nll"}.get(metric, "pred"))
     return None if values is None else np.asarray(values, dtype=float)
 
 
@@ -131,7 +131,8 @@ def paired_vs_kd(root: Path, rows: list[dict], n_boot: int = 4000, seed: int = 0
         diffs = np.array([m[f"{k}_score"] - b[f"{k}_score"] for m, b in pairs])
         n = len(diffs)
         mean = float(diffs.mean())
-        row = {**dict(key), "n": n, "split": split, "diff": mean, "t_low": None, "t_high": None}
+        row = {**dict(key), "n": n, "split": split, "metric": pairs[0][0].get("metric") or "accuracy", "diff": mean,
+               "t_low": None, "t_high": None}
         if n > 1:
             half = _t975(n - 1) * diffs.std(ddof=1) / math.sqrt(n)
             row["t_low"], row["t_high"] = mean - half, mean + half
@@ -148,6 +149,9 @@ def paired_vs_kd(root: Path, rows: list[dict], n_boot: int = 4000, seed: int = 0
         if metric == "accuracy":  # the mean of 0/1 differences, resampled
             d = np.stack([a - c for a, c in per_example])  # [seeds, sentences]
             per_seed = d[:, idx].mean(axis=2)  # [seeds, boot]
+        elif metric == "token_nll":  # −(Σ NLL / Σ tokens) over the resampled sequences
+            tokens = np.asarray(SweepDir(root).run(pairs[0][0]["run"]).result()[split]["tokens"], dtype=float)
+            per_seed = np.stack([(c[idx].sum(1) - a[idx].sum(1)) / tokens[idx].sum(1) for a, c in per_example])
         else:  # the metric itself, recomputed on each resample of each seed's pair
             labels = np.asarray(SweepDir(root).run(pairs[0][0]["run"]).result()[split]["labels"], dtype=float)
             per_seed = np.stack([resampled_scores(metric, labels, a, idx) - resampled_scores(metric, labels, c, idx)
@@ -157,6 +161,26 @@ def paired_vs_kd(root: Path, rows: list[dict], n_boot: int = 4000, seed: int = 0
         row["boot_low"], row["boot_high"] = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
         out.append(row)
     return sorted(out, key=_order)
+
+
+def _value(metric: str, x, signed=False) -> str:
+    """A score as the table shows it: a percentage, or for a language model the token NLL itself
+    (the score is −NLL), to 3 decimals."""
+    if metric != "token_nll" or x is None:
+        return _pct(x, signed)
+    return f"{-x + 0.0:+.3f}" if signed else f"{-x + 0.0:.3f}"  # + 0.0: no "-0.000"
+
+
+def _spread(metric: str, x) -> str:
+    return _pct(x) if metric != "token_nll" or x is None else f"{x:.3f}"
+
+
+def _interval(metric: str, low, high) -> str:
+    if low is None:
+        return "–"
+    if metric == "token_nll":  # an NLL interval is the score's, negated and swapped
+        low, high = high, low
+    return f"[{_value(metric, low, True)}, {_value(metric, high, True)}]"
 
 
 def _pct(x, signed=False) -> str:
@@ -170,7 +194,7 @@ SPLIT_NOTE = {"test": "test split (validation picked each run's best epoch; it i
                             "run's best epoch and stopped it, so these numbers are optimistic"}
 
 
-METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "f1": "F1", "mcc": "Matthews corr.",
+METRIC_NAMES = {"token_nll": "token NLL", "accuracy": "accuracy", "macro_f1": "macro-F1", "f1": "F1", "mcc": "Matthews corr.",
                 "f1_accuracy": "mean of F1 and accuracy", "pearson": "Pearson", "spearman": "Spearman",
                 "pearson_spearman": "mean of Pearson and Spearman"}
 
@@ -197,25 +221,29 @@ def summary_markdown(summ: list[dict], paired: list[dict]) -> str:
         return "| " + " | ".join(cells) + " |"
 
     with_f1 = any(r["f1_mean"] is not None for r in summ)
+    lm = all(r.get("metric") == "token_nll" for r in summ + paired) and bool(summ)
+    units = "mean ± std; lower is better" if lm else "%, mean ± std"
     lines = [f"Headline numbers on the {SPLIT_NOTE[split]}.", "",
-             f"### {split.capitalize()} {label} over seeds (%, mean ± std)", "",
+             f"### {split.capitalize()} {label} over seeds ({units})", "",
              head + f" n | {split} {label} |" + (f" {split} macro-F1 |" if with_f1 else "")
              + (f" validation {label} |" if split == "test" else "") + " teacher share | collapsed |",
              sep + "---|---|" + ("---|" if with_f1 else "") + ("---|" if split == "test" else "") + "---|---|"]
     for r in summ:
-        score = f"{_pct(r['score_mean'])} ± {_pct(r['score_std'])}" if r["score_mean"] is not None else "–"
+        m = r.get("metric") or "accuracy"
+        score = f"{_value(m, r['score_mean'])} ± {_spread(m, r['score_std'])}" if r["score_mean"] is not None else "–"
         f1 = (f" {_pct(r['f1_mean'])} ± {_pct(r['f1_std'])} |" if r["f1_mean"] is not None else " – |") if with_f1 else ""
-        val = f" {_pct(r['val_mean'])} ± {_pct(r['val_std'])} |" if split == "test" else ""
+        val = f" {_value(m, r['val_mean'])} ± {_spread(m, r['val_std'])} |" if split == "test" else ""
         share = f"{r['teacher_share']:.3f}" if r["teacher_share"] is not None else "–"
         coll = f"**{r['collapsed']}/{r['n']}**" if r["collapsed"] else f"0/{r['n']}"
         n = f"{r['n']}" + (f" (of {r['of']})" if r["of"] != r["n"] else "")
         lines.append(f"{lead(r)} {n} | {score} |{f1}{val} {share} | {coll} |")
-    lines += ["", f"### Difference to plain KD at the same depth, chain and seed ({split} {label} points, 95% intervals)", "",
+    points = f"{split} {label}, negative is better" if lm else f"{split} {label} points"
+    lines += ["", f"### Difference to plain KD at the same depth, chain and seed ({points}, 95% intervals)", "",
               head + f" n | Δ {label} | t interval | paired bootstrap |", sep + "---|---|---|---|"]
     for r in paired:
-        t = f"[{_pct(r['t_low'], True)}, {_pct(r['t_high'], True)}]" if r["t_low"] is not None else "–"
-        b = f"[{_pct(r['boot_low'], True)}, {_pct(r['boot_high'], True)}]" if r["boot_low"] is not None else "–"
-        lines.append(f"{lead(r)} {r['n']} | {_pct(r['diff'], True)} | {t} | {b} |")
+        m = r.get("metric") or "accuracy"
+        t, b = _interval(m, r["t_low"], r["t_high"]), _interval(m, r["boot_low"], r["boot_high"])
+        lines.append(f"{lead(r)} {r['n']} | {_value(m, r['diff'], True)} | {t} | {b} |")
     return "\n".join(lines) + "\n"
 
 
@@ -390,7 +418,8 @@ def plot_accuracy_vs_depth(summ: list[dict], path: Path) -> None:
                          and r["score_mean"] is not None and (r.get("tutor_update") in (mode, None)))
             if pts:
                 d, m, s = zip(*pts)
-                ax.errorbar(d, np.array(m) * 100, yerr=np.array(s) * 100, marker="o", capsize=3,
+                scale = -1 if summ[0].get("metric") == "token_nll" else 100  # NLL itself, else percent
+                ax.errorbar(d, np.array(m) * scale, yerr=np.array(s) * abs(scale), marker="o", capsize=3,
                             label=f"{policy} (iteration {iteration})" if chained else policy,
                             linestyle="--" if policy == "teacher" else "-")
         ax.set_title(f"tutor: {mode}" if mode else "students")
@@ -398,7 +427,8 @@ def plot_accuracy_vs_depth(summ: list[dict], path: Path) -> None:
         ax.set_xlabel("student depth (layers)")
         ax.grid(alpha=0.3)
     split = summ[0]["split"] if summ else "validation"
-    _save_panels(plt, fig, axes, f"{split} {metric_label(summ)} (%), mean ± std over seeds", path)
+    units = "" if summ and summ[0].get("metric") == "token_nll" else " (%)"
+    _save_panels(plt, fig, axes, f"{split} {metric_label(summ)}{units}, mean ± std over seeds", path)
 
 
 def plot_teacher_share(root: Path, rows: list[dict], path: Path) -> None:

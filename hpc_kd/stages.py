@@ -369,6 +369,9 @@ class Distill(Stage):
         task = Task(teacher, tutor, make_policy(self.policy, self.policy_args), self.tau, self.alpha, self.loss,
                     self.loss_args)
         trainer = _trainer(run, student, tokenizer, dataset, task, self.train, self.seed, run_cfg, on_step)
+        if self.data.lm:  # the teacher itself (not its cached targets), for the top-1 agreement
+            trainer.reference = (teacher.model if isinstance(teacher, FrozenModel)
+                                 else FrozenModel(load_classifier(self.teacher.path(root)).to(device)).model)
         result = trainer.fit()
         result.update({"params": param_count(student), "policy": self.policy, "targets": "cache" if self.teacher_cache else "live", "seed": self.seed,
                        "tutor_update": self.tutor_update, "iteration": self.iteration,

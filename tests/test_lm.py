@@ -90,6 +90,7 @@ def test_a_decoder_chain_trains_resumes_and_reports(tiny_decoder, tmp_path):
         assert val["metric"] == "token_nll" and val["score"] == -val["token_nll"]
         assert val["perplexity"] == pytest.approx(math.exp(val["token_nll"])) and len(val["nll"]) == 24
         assert set(res["continuations"]) == {"This movie was", "The acting in this film", "I would not recommend"}
+    assert 0 <= student["validation"]["teacher_agreement"] <= 1 and "teacher_agreement" not in teacher["validation"]
     assert teacher["validation"]["token_nll"] < math.log(teacher["params"])  # it learnt something
     assert student["kind"] == "teid" and student["layers"] == 2 and student["selection"]["examples"] == 2 * 64
     plan = make_plan(tiny_decoder, tmp_path / "resumed", **sections)
@@ -240,3 +241,29 @@ def test_the_embedded_decoder_is_smollm2_converted_once():
     with torch.no_grad():
         nll = model(input_ids=ids["input_ids"], labels=ids["input_ids"]).loss.item()
     assert 2.0 < nll < 6.0  # a real language model (a random one: ~log 49152 = 10.8)
+
+
+def test_a_language_model_sweep_gets_its_own_table_and_statistics(tiny_decoder, tmp_path):
+    """Through the launcher: the table shows NLL, perplexity and agreement; summary.md the token
+    NLL (lower is better) with paired differences to plain KD and their intervals."""
+    from hpc_kd.aggregate import collect
+    from hpc_kd.launch import main as launch
+    from hpc_kd.report import paired_vs_kd
+
+    from .conftest import tiny_config, write_yaml
+
+    cfg = tiny_config(tiny_decoder, tmp_path, **cached_sections(tiny_decoder, student={"train": {
+        "lr": 3e-3, "batch_size": 16, "epochs": 1}}), grid={"distill.policy": ["teacher", "tutor"], "seed": [0, 1]})
+    assert launch([str(write_yaml(tmp_path / "s.yaml", cfg)), "--executor", "debug"]) == 0
+    root = tmp_path / "t"
+    rows = collect(root)
+    students = {(r["policy"], r["seed"]): r for r in rows if r["role"] == "student"}
+    assert all(r["metric"] == "token_nll" and r["val_score"] == -r["val_nll"] for r in students.values())
+    table = (root / "table.md").read_text()
+    assert "| test_nll |" in table and "| val_ppl | agreement |" in table and "val_score" not in table
+    (paired,) = paired_vs_kd(root, rows, n_boot=200)
+    diffs = [students[("tutor", s)]["test_nll"] - students[("teacher", s)]["test_nll"] for s in (0, 1)]
+    assert -paired["diff"] == pytest.approx(np.mean(diffs))  # the score is −NLL
+    summary = (root / "summary.md").read_text()
+    assert "Test token NLL over seeds (mean ± std; lower is better)" in summary
+    assert f"| {np.mean(diffs):+.3f} |" in summary
