@@ -97,7 +97,7 @@ class DataConfig:
     #: sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli) fills the task's columns, labels, metric and
     #: splits where the config leaves them out (README: GLUE).
     name: str = "rotten_tomatoes"
-    #: local: the training file (csv, jsonl or parquet).
+    #: local: the training file (csv, jsonl or parquet; causal_lm also txt, a document per line).
     train_file: str | None = None
     #: local: the validation file (early stopping and best-epoch choice).
     validation_file: str | None = None
@@ -148,10 +148,12 @@ class DataConfig:
             for key in ("train_file", "validation_file"):
                 if getattr(self, key) is None:
                     raise ConfigError(key, "required when source is 'local'")
+            kinds = (".csv", ".jsonl", ".json", ".parquet") + ((".txt",) if self.task == "causal_lm" else ())
             for key in ("train_file", "validation_file", "test_file"):
                 value = getattr(self, key)
-                if value is not None and not value.endswith((".csv", ".jsonl", ".json", ".parquet")):
-                    raise ConfigError(key, f"unsupported file type {value!r}; allowed: .csv, .jsonl, .parquet")
+                if value is not None and not value.endswith(kinds):
+                    raise ConfigError(key, f"unsupported file type {value!r}; allowed: {', '.join(kinds)}"
+                                           + ("" if self.task == "causal_lm" else " (.txt: causal_lm only)"))
         _at_least(self, "num_labels", 1)
         if self.metric is not None:
             allowed = REGRESSION_METRICS if self.num_labels == 1 else CLASS_METRICS

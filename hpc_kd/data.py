@@ -190,6 +190,11 @@ def _read_file(path: str):
             return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=str)
         if path.endswith((".jsonl", ".json")):
             return pd.read_json(path, lines=True, dtype=False)
+        if path.endswith(".txt"):  # a language model's plain text: one document per non-empty line
+            lines = [line for line in raw.decode("utf-8").splitlines() if line.strip()]
+            if not lines:
+                raise ConfigError("data", f"{path} holds no text")
+            return pd.DataFrame({"text": lines})
         return pd.read_parquet(path)
     except pd.errors.EmptyDataError:
         raise ConfigError("data", f"{path} is empty (not even a header row)") from None

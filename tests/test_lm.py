@@ -267,3 +267,29 @@ def test_a_language_model_sweep_gets_its_own_table_and_statistics(tiny_decoder, 
     summary = (root / "summary.md").read_text()
     assert "Test token NLL over seeds (mean ± std; lower is better)" in summary
     assert f"| {np.mean(diffs):+.3f} |" in summary
+
+
+def test_plain_text_files_are_a_corpus_of_one_document_per_line(tmp_path):
+    from hpc_kd.data import load_splits
+
+    (tmp_path / "train.txt").write_text("the first review .\n\nthe second one\n")
+    (tmp_path / "val.txt").write_text("a third\n")
+    splits = load_splits(DataConfig(task="causal_lm", source="local", train_file=str(tmp_path / "train.txt"),
+                                    validation_file=str(tmp_path / "val.txt")))
+    assert splits["train"].texts == ["the first review .", "the second one"] and splits["train"].ids.tolist() == [0, 1]
+    with pytest.raises(ConfigError, match="causal_lm only"):
+        DataConfig(source="local", train_file="a.txt", validation_file="b.txt")
+
+
+def test_a_two_iteration_decoder_chain(tiny_decoder, tmp_path):
+    """Iteration 2: iteration 1's (updated) tutor teaches, its student tutors a new smaller one;
+    each teacher's sparse targets come from a cache of that teacher."""
+    plan = make_plan(tiny_decoder, tmp_path, **cached_sections(tiny_decoder, student={"layers": [2, 1], "train": {
+        "lr": 3e-3, "batch_size": 16, "epochs": 1}}))
+    results = run_plan(plan)
+    students = [k for k, s in plan.stages.items() if s.role == "student"]
+    assert [plan.stages[k].iteration for k in students] == [1, 2]
+    second = plan.stages[students[1]]
+    assert second.teacher.stage == students[0] and second.teacher.part == "tutor" and second.tutor.stage == students[0]
+    assert second.teacher_cache is not None and second.teacher_cache.sparse["k"] == 8
+    assert results[students[1]]["layers"] == 1 and np.isfinite(results[students[1]]["validation"]["token_nll"])
