@@ -252,10 +252,13 @@ class LogitCache:
 # producer fingerprint, per-rank shards, checksums and validation as the dense caches.
 
 
-def sparse_rows(model, encoded, rows: np.ndarray, sparse: dict, device, batch_size: int, seed: int) -> pa.Table:
-    """The sparse targets of the sequences ``rows`` of ``encoded``, one table row per token."""
+def sparse_rows(model, encoded, rows: np.ndarray, sparse: dict, device, batch_size: int, seed: int,
+                support=None) -> pa.Table:
+    """The sparse targets of the sequences ``rows`` of ``encoded``, one table row per token; with
+    ``support`` (another model's :class:`SparseLogitCache`), this model's distribution on that
+    cache's tokens and tail instead of its own top k (a frozen tutor on its teacher's support)."""
     from .data import eval_batches
-    from .sparse import sampled, top_k
+    from .sparse import project, sampled, top_k
     from .sources import forward
 
     gen = torch.Generator().manual_seed(seed)
@@ -264,7 +267,12 @@ def sparse_rows(model, encoded, rows: np.ndarray, sparse: dict, device, batch_si
     for local in eval_batches(lengths, batch_size):
         batch = {k: v.to(device) for k, v in encoded.collate(rows[local]).items()}
         z = forward(model, batch).float()[:, :-1].cpu()
-        t = top_k(z, sparse["k"], sparse["tau"]) if sparse["kind"] == "top_k" else sampled(z, sparse["k"], sparse["tau"], gen)
+        if support is not None:
+            t = project(z, support.targets(batch["example_ids"], z.shape[1] + 1), sparse["tau"])
+        elif sparse["kind"] == "top_k":
+            t = top_k(z, sparse["k"], sparse["tau"])
+        else:
+            t = sampled(z, sparse["k"], sparse["tau"], gen)
         for j, i in enumerate(local):
             n = max(int(lengths[i]) - 1, 0)
             per_seq[i] = (t.ids[j, :n], t.log_probs[j, :n], t.tail[j, :n])
@@ -284,7 +292,8 @@ def sparse_rows(model, encoded, rows: np.ndarray, sparse: dict, device, batch_si
 
 @torch.no_grad()
 def write_sparse_rank(folder: Path, model, encoded, prod: dict, sparse: dict, *, rows_per_shard: int = 4096,
-                      batch_size: int = 16, device="cpu", rank: int = 0, world_size: int = 1, progress: bool = False) -> list[dict]:
+                      batch_size: int = 16, device="cpu", rank: int = 0, world_size: int = 1, progress: bool = False,
+                      support=None) -> list[dict]:
     """:func:`write_rank` for a language model's sparse targets (``rows_per_shard`` sequences)."""
     from tqdm.auto import tqdm
 
@@ -303,7 +312,7 @@ def write_sparse_rank(folder: Path, model, encoded, prod: dict, sparse: dict, *,
         path = folder / _shard_name(rank, index)
         ids = encoded.ids[rows]
         if not _sparse_shard_ok(path, ids, fingerprint):
-            table = sparse_rows(model, encoded, rows, sparse, device, batch_size, seed=rank * 100003 + index)
+            table = sparse_rows(model, encoded, rows, sparse, device, batch_size, seed=rank * 100003 + index, support=support)
             table = table.replace_schema_metadata({"producer": fingerprint})
             tmp = path.with_name("." + path.name + ".tmp")
             pq.write_table(table, tmp)

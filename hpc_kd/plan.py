@@ -72,10 +72,10 @@ def chain(cfg: ExperimentConfig) -> list[Stage]:
     sparse = ({"kind": d.sparse_targets, "k": d.sparse_k, "precision": d.sparse_precision, "tau": d.tau}
               if cfg.data.lm else None)
 
-    def cache_of(ref: ModelRef) -> CacheLogits | None:
+    def cache_of(ref: ModelRef, support: CacheLogits | None = None) -> CacheLogits | None:
         if not cached:
             return None
-        stage = CacheLogits(cfg.data, ref, sparse=sparse)
+        stage = CacheLogits(cfg.data, ref, sparse=sparse, support=support)
         stages.append(stage)
         return stage
 
@@ -95,8 +95,9 @@ def chain(cfg: ExperimentConfig) -> list[Stage]:
     mode = tutor_mode(cfg)
     for iteration, depth in enumerate(cfg.student.layers, start=1):
         teacher_cache = cache_of(teacher_ref)
-        # a language model's frozen tutor runs live: its own sparse support would not be the teacher's
-        tutor_cache = cache_of(tutor_ref) if mode.cached(d.targets) and not cfg.data.lm else None
+        # a language model's frozen tutor is cached on its teacher's support (like with like)
+        tutor_cache = (cache_of(tutor_ref, support=teacher_cache if cfg.data.lm else None)
+                       if mode.cached(d.targets) else None)
         student = Distill(
             cfg.data, teacher_ref, tutor_ref if mode.exists else None, source(cfg.student.init_from, teacher_ref),
             depth, cfg.student.init, cfg.seed,

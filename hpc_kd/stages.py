@@ -45,7 +45,7 @@ def _without_execution(settings: dict) -> dict:
 
 
 #: stage fields added after schema 2, left out of a signature at their default (as below)
-LATER_FIELDS = {"loss_args": None, "sparse": None}
+LATER_FIELDS = {"loss_args": None, "sparse": None, "support": None}
 #: data keys added after schema 2, left out of a signature at their default, so that runs from
 #: before them are still found (an explicit metric equal to the task's default is the default).
 LATER_DATA_KEYS = {"task": "classification", "text_pair_column": None, "also_evaluate": [], "metric": None}
@@ -68,7 +68,8 @@ class Stage:
             if isinstance(value, DataConfig):
                 settings[key] = _data_settings(settings[key], value)
             elif isinstance(value, Stage) and isinstance(getattr(value, "data", None), DataConfig):
-                settings[key] = {**settings[key], "data": _data_settings(settings[key]["data"], value.data)}
+                nested = {k: v for k, v in settings[key].items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+                settings[key] = {**nested, "data": _data_settings(settings[key]["data"], value.data)}
         return _without_execution(settings)
 
     @property
@@ -200,12 +201,15 @@ class CacheLogits(Stage):
     split: str = "train"
     #: a language model's sparse targets: kind, k, precision, tau (hpc_kd.cache, hpc_kd.sparse)
     sparse: dict | None = None
+    #: a frozen tutor's cache: the teacher's cache whose tokens (and tail) it is written on, so that
+    #: the two are compared on one support
+    support: "CacheLogits | None" = None
     role: str = "cache"
     kind = "cache"
     depth = None
 
     def inputs(self):
-        return [self.model]
+        return [self.model] + ([ModelRef(self.support.key, "logits")] if self.support is not None else [])
 
     def folder(self, root: Path) -> Path:
         return self.run_dir(root).logits
@@ -214,8 +218,11 @@ class CacheLogits(Stage):
         """The producer fingerprint a reader training on ``dataset`` requires."""
         from .cache import producer
 
-        return producer(self.model.path(root), self.data.max_length, f"{self.data.source}:{self.data.name}",
+        prod = producer(self.model.path(root), self.data.max_length, f"{self.data.source}:{self.data.name}",
                         self.split, dataset.fingerprints[self.split])
+        if self.support is not None:
+            prod["support"] = self.support.key
+        return prod
 
     def execute(self, root, run, run_cfg, on_step):
         from .cache import write_cache
@@ -228,10 +235,11 @@ class CacheLogits(Stage):
         if self.sparse is not None:
             from .cache import write_sparse_cache
 
+            support = self.support.load(root, dataset, run_cfg) if self.support is not None else None
             manifest = write_sparse_cache(self.folder(root), model, dataset.encoded[self.split], self.expected(root, dataset),
                                           self.sparse, model.get_output_embeddings().weight.shape[0],
                                           rows_per_shard=run_cfg.cache_rows_per_shard, device=_device(run_cfg),
-                                          progress=_trainer_options(run_cfg, None)["progress"])
+                                          progress=_trainer_options(run_cfg, None)["progress"], support=support)
             return {"kind": "cache", "rows": manifest["total_rows"], "shards": len(manifest["shards"]),
                     "bytes": manifest["bytes"], "producer": manifest["producer"], "sparse": self.sparse,
                     "layers": depth(model)}

@@ -144,7 +144,7 @@ def _teid(task: Task, student, micro: list[Micro], n: int, scale: float, step: i
         w = w.to(o["l_t"].device, o["l_t"].dtype)
         if task.policy.mixes_targets:
             if sparse_targets(o["z_t"]):  # the two distributions mixed on the teacher's support
-                z_mix = sparse.mix(o["z_t"], _on_support(o["z_u"].detach(), o["z_t"], task.tau), w)
+                z_mix = sparse.mix(o["z_t"], _on_support(o["z_u"], o["z_t"], task.tau), w)
             else:
                 z_mix = losses.mix_targets(o["z_t"], o["z_u"].detach().float(), w, task.tau, task.term)
             per_example = task.distill(o["z_s"], z_mix, y)
@@ -181,15 +181,20 @@ def _losses(task: Task, o: dict) -> dict:
     teacher ties with it instead of winning or losing by the tail's treatment."""
     y = o["m"].batch["labels"]
     o["l_t"] = task.distill(o["z_s"], o["z_t"], y)
-    z_u = o["z_u"].detach().float()
-    o["l_u"] = task.distill(o["z_s"], _on_support(z_u, o["z_t"], task.tau) if sparse_targets(o["z_t"]) else z_u, y)
+    z_u = _on_support(o["z_u"], o["z_t"], task.tau) if sparse_targets(o["z_t"]) else o["z_u"].detach().float()
+    o["l_u"] = task.distill(o["z_s"], z_u, y)
     return o
 
 
-def _on_support(z: torch.Tensor, teacher: "sparse.SparseTargets", tau: float) -> "sparse.SparseTargets":
-    """A language model's dense logits [B, T, V] as targets on the teacher's support (its
-    positions predict tokens 1..T−1, as the teacher's targets do)."""
-    return sparse.project(z[:, :-1].float(), teacher, tau)
+def _on_support(z, teacher: "sparse.SparseTargets", tau: float) -> "sparse.SparseTargets":
+    """A tutor's targets on the teacher's support: its dense logits [B, T, V] projected (its
+    positions predict tokens 1..T−1, as the teacher's targets do), or its cached sparse targets,
+    which a frozen tutor's cache already holds on the teacher's tokens."""
+    if sparse_targets(z):
+        if not torch.equal(z.ids, teacher.ids):
+            raise RuntimeError("the tutor's cached targets are not on the teacher's support")
+        return z
+    return sparse.project(z.detach()[:, :-1].float(), teacher, tau)
 
 
 def sequence_summary(z, y: torch.Tensor) -> torch.Tensor:

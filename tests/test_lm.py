@@ -293,3 +293,31 @@ def test_a_two_iteration_decoder_chain(tiny_decoder, tmp_path):
     assert second.teacher.stage == students[0] and second.teacher.part == "tutor" and second.tutor.stage == students[0]
     assert second.teacher_cache is not None and second.teacher_cache.sparse["k"] == 8
     assert results[students[1]]["layers"] == 1 and np.isfinite(results[students[1]]["validation"]["token_nll"])
+
+
+def test_a_frozen_tutor_is_cached_on_its_teachers_support(tiny_decoder, tmp_path):
+    """The frozen tutor's sparse cache holds its distribution on the teacher's cached tokens (and
+    tail), so the two are compared like with like; a tutor cache of the teacher itself ties."""
+    from hpc_kd.data import Dataset
+    from hpc_kd.models import load_tokenizer
+    from hpc_kd.sources import CachedLogits
+    from hpc_kd.stages import CacheLogits
+    from hpc_kd.step import Micro, Task, _losses, targets
+
+    plan = make_plan(tiny_decoder, tmp_path, **cached_sections(tiny_decoder, distill={"tutor_update": "frozen"}))
+    caches = [s for s in plan.stages.values() if s.kind == "cache"]
+    assert len(caches) == 2 and caches[1].support == caches[0] and caches[0].support is None
+    results = run_plan(plan)
+    assert results[list(plan.stages)[-1]]["tutor_update"] == "frozen"
+    teacher_cache = caches[0]
+    same = CacheLogits(teacher_cache.data, teacher_cache.model, sparse=teacher_cache.sparse, support=teacher_cache)
+    same(plan.root, plan.run)  # the teacher itself, written on its own support
+    data = Dataset.build(same.data, load_tokenizer(str(same.model.path(plan.root))))
+    teacher = CachedLogits(teacher_cache.load(plan.root, data, plan.run), "cpu")
+    tutor = CachedLogits(same.load(plan.root, data, plan.run), "cpu")
+    batch = data.encoded["train"].collate(np.arange(8))
+    student = torch.randn(8, batch["input_ids"].shape[1], 2005)
+    task = Task(teacher, tutor, None, tau=same.sparse["tau"], alpha=0.5, term="kl")
+    o = _losses(task, {"m": Micro(batch, torch.ones(8), 0, 8), "z_s": student, "z_u": targets(tutor, batch),
+                       "z_t": targets(teacher, batch)})
+    assert torch.allclose(o["l_t"], o["l_u"], atol=1e-6)
