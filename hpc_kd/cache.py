@@ -75,13 +75,14 @@ def _read_shard(path: Path) -> pa.Table:
 
 def _shard_ok(path: Path, ids: np.ndarray, fingerprint: str) -> bool:
     """A shard left by an earlier attempt is kept when it is readable, made by the same producer
-    and holds exactly the ids it should (shards are renamed into place, so never half-written)."""
+    and holds exactly the examples it should (a sparse shard: a row per token of each); shards are
+    renamed into place, so never half-written."""
     try:
         meta = pq.read_schema(path).metadata or {}
         if meta.get(b"producer") != fingerprint.encode():
             return False
         got = _read_shard(path).column("example_id").to_numpy()
-        return np.array_equal(got, ids)
+        return np.array_equal(np.unique(got), np.unique(ids))
     except Exception:
         return False
 
@@ -94,40 +95,51 @@ def _fingerprint_text(prod: dict) -> str:
 def write_rank(folder: Path, model, encoded, prod: dict, num_labels: int, *, rows_per_shard: int = 4096,
                batch_size: int = 128, device="cpu", rank: int = 0, world_size: int = 1, progress: bool = False) -> list[dict]:
     """Compute and write rank ``rank``'s shards (skipping valid ones from an earlier attempt)."""
-    from tqdm.auto import tqdm
-
     from .data import eval_batches
     from .sources import forward
+
+    model = model.eval().to(device)
+
+    def table(rows: np.ndarray, index: int) -> pa.Table:
+        logits = np.zeros((len(rows), num_labels), dtype=np.float32)
+        lengths = np.array([len(encoded.tokens[r]) for r in rows])
+        for local in eval_batches(lengths, batch_size):
+            batch = {k: v.to(device) for k, v in encoded.collate(rows[local]).items()}
+            logits[local] = forward(model, batch).float().cpu().numpy()
+        flat = pa.array(logits.reshape(-1), type=pa.float32())
+        return pa.Table.from_arrays([pa.array(encoded.ids[rows], type=pa.int64()),
+                                     pa.FixedSizeListArray.from_arrays(flat, num_labels)], names=["example_id", "logits"])
+
+    return _write_shards(folder, encoded, prod, table, rows_per_shard=rows_per_shard, rank=rank, world_size=world_size,
+                         progress=progress, unit="ex")
+
+
+def _write_shards(folder: Path, encoded, prod: dict, table, *, rows_per_shard: int, rank: int, world_size: int,
+                  progress: bool, unit: str) -> list[dict]:
+    """Rank ``rank``'s slice of the examples (sorted by id), ``rows_per_shard`` examples a shard,
+    each shard (the ``index``-th) the Parquet file of ``table(rows, index)`` stamped with the producer, renamed into place,
+    and skipped when a valid one is left by an earlier attempt; then the rank's listing."""
+    from tqdm.auto import tqdm
+
     from .rundir import write_atomic
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model = model.eval().to(device)
     order = np.argsort(encoded.ids, kind="stable")
     mine = np.array_split(order, world_size)[rank]
     fingerprint = _fingerprint_text(prod)
-    schema = pa.schema([("example_id", pa.int64()), ("logits", pa.list_(pa.float32(), num_labels))],
-                       metadata={"producer": fingerprint})
     infos = []
     chunks = [mine[i:i + rows_per_shard] for i in range(0, len(mine), rows_per_shard)]
-    bar = tqdm(total=len(mine), disable=not progress, leave=False, desc=f"cache {folder.parent.name} r{rank}", unit="ex")
+    bar = tqdm(total=len(mine), disable=not progress, leave=False, desc=f"cache {folder.parent.name} r{rank}", unit=unit)
     for index, rows in enumerate(chunks):
         path = folder / _shard_name(rank, index)
         ids = encoded.ids[rows]
         if not _shard_ok(path, ids, fingerprint):
-            logits = np.zeros((len(rows), num_labels), dtype=np.float32)
-            lengths = np.array([len(encoded.tokens[r]) for r in rows])
-            for local in eval_batches(lengths, batch_size):
-                batch = {k: v.to(device) for k, v in encoded.collate(rows[local]).items()}
-                logits[local] = forward(model, batch).float().cpu().numpy()
-            flat = pa.array(logits.reshape(-1), type=pa.float32())
-            table = pa.Table.from_arrays([pa.array(ids, type=pa.int64()), pa.FixedSizeListArray.from_arrays(flat, num_labels)],
-                                         schema=schema)
             tmp = path.with_name("." + path.name + ".tmp")
-            pq.write_table(table, tmp)
+            pq.write_table(table(rows, index).replace_schema_metadata({"producer": fingerprint}), tmp)
             tmp.replace(path)
-        infos.append({"file": path.name, "rank": rank, "rows": int(len(rows)), "sha256": file_sha256(path),
-                      "min_id": int(ids[0]), "max_id": int(ids[-1])})
+        infos.append({"file": path.name, "rank": rank, "rows": int(pq.read_metadata(path).num_rows),
+                      "sha256": file_sha256(path), "min_id": int(ids[0]), "max_id": int(ids[-1])})
         bar.update(len(rows))
     bar.close()
     write_atomic(folder / f"shards-r{rank:03d}.json", json.dumps(infos))
@@ -201,6 +213,23 @@ def _checked_shards(folder: Path, expected: dict) -> tuple[dict, list]:
     return manifest, tables
 
 
+def _checked_table(folder: Path, expected: dict, sparse: dict | None = None) -> tuple[dict, pa.Table]:
+    """The manifest and all its rows, checked (:func:`_checked_shards`, the row count, and for a
+    sparse cache its settings); a manifest cut short, missing a field or holding the wrong types
+    is a damaged cache (CacheError), like a bad checksum."""
+    try:
+        manifest, tables = _checked_shards(folder, expected)
+        if sparse is not None and manifest.get("sparse") != sparse:
+            raise CacheError(f"{folder}: sparse settings {manifest.get('sparse')} are not {sparse}")
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, pa.ArrowException) as err:
+        raise CacheError(f"{folder}: manifest.json cannot be read or lacks a field "
+                         f"({type(err).__name__}: {err})") from None
+    table = pa.concat_tables(tables).combine_chunks()
+    if table.num_rows != manifest["total_rows"]:
+        raise CacheError(f"{folder}: {table.num_rows} rows, manifest says {manifest['total_rows']}")
+    return manifest, table
+
+
 class LogitCache:
     """Validated, in-memory logits indexed by example id."""
 
@@ -212,15 +241,7 @@ class LogitCache:
         """Read and check a cache. ``expected``: the producer fingerprint the caller trains with;
         ``ids``: the example ids it will look up."""
         folder = Path(folder)
-        try:
-            manifest, tables = _checked_shards(folder, expected)
-        except (ValueError, KeyError, TypeError, AttributeError, OSError, pa.ArrowException) as err:
-            # a manifest cut short, missing a field or holding the wrong types is a damaged cache
-            raise CacheError(f"{folder}: manifest.json cannot be read or lacks a field "
-                             f"({type(err).__name__}: {err})") from None
-        table = pa.concat_tables(tables).combine_chunks()
-        if table.num_rows != manifest["total_rows"]:
-            raise CacheError(f"{folder}: {table.num_rows} rows, manifest says {manifest['total_rows']}")
+        manifest, table = _checked_table(folder, expected)
         cached_ids = table.column("example_id").to_numpy()
         if np.any(np.diff(cached_ids) <= 0):
             raise CacheError(f"{folder}: example ids are not sorted and unique")
@@ -295,46 +316,13 @@ def write_sparse_rank(folder: Path, model, encoded, prod: dict, sparse: dict, *,
                       batch_size: int = 16, device="cpu", rank: int = 0, world_size: int = 1, progress: bool = False,
                       support=None) -> list[dict]:
     """:func:`write_rank` for a language model's sparse targets (``rows_per_shard`` sequences)."""
-    from tqdm.auto import tqdm
-
-    from .rundir import write_atomic
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     model = model.eval().to(device)
-    order = np.argsort(encoded.ids, kind="stable")
-    mine = np.array_split(order, world_size)[rank]
-    fingerprint = _fingerprint_text(prod)
-    infos = []
-    chunks = [mine[i:i + rows_per_shard] for i in range(0, len(mine), rows_per_shard)]
-    bar = tqdm(total=len(mine), disable=not progress, leave=False, desc=f"cache {folder.parent.name} r{rank}", unit="seq")
-    for index, rows in enumerate(chunks):
-        path = folder / _shard_name(rank, index)
-        ids = encoded.ids[rows]
-        if not _sparse_shard_ok(path, ids, fingerprint):
-            table = sparse_rows(model, encoded, rows, sparse, device, batch_size, seed=rank * 100003 + index, support=support)
-            table = table.replace_schema_metadata({"producer": fingerprint})
-            tmp = path.with_name("." + path.name + ".tmp")
-            pq.write_table(table, tmp)
-            tmp.replace(path)
-        n = pq.read_metadata(path).num_rows
-        infos.append({"file": path.name, "rank": rank, "rows": int(n), "sha256": file_sha256(path),
-                      "min_id": int(ids[0]), "max_id": int(ids[-1])})
-        bar.update(len(rows))
-    bar.close()
-    write_atomic(folder / f"shards-r{rank:03d}.json", json.dumps(infos))
-    return infos
 
+    def table(rows: np.ndarray, index: int) -> pa.Table:
+        return sparse_rows(model, encoded, rows, sparse, device, batch_size, seed=rank * 100003 + index, support=support)
 
-def _sparse_shard_ok(path: Path, ids: np.ndarray, fingerprint: str) -> bool:
-    try:
-        meta = pq.read_schema(path).metadata or {}
-        if meta.get(b"producer") != fingerprint.encode():
-            return False
-        got = np.unique(_read_shard(path).column("example_id").to_numpy())
-        return np.array_equal(got, np.unique(ids))
-    except Exception:
-        return False
+    return _write_shards(folder, encoded, prod, table, rows_per_shard=rows_per_shard, rank=rank, world_size=world_size,
+                         progress=progress, unit="seq")
 
 
 def write_sparse_cache(folder: Path, model, encoded, prod: dict, sparse: dict, vocab: int, **kw) -> dict:
@@ -363,16 +351,7 @@ class SparseLogitCache:
     @classmethod
     def open(cls, folder: Path, expected: dict, ids: np.ndarray, sparse: dict) -> "SparseLogitCache":
         folder = Path(folder)
-        try:
-            manifest, tables = _checked_shards(folder, expected)
-            if manifest.get("sparse") != sparse:
-                raise CacheError(f"{folder}: sparse settings {manifest.get('sparse')} are not {sparse}")
-        except (ValueError, KeyError, TypeError, AttributeError, OSError, pa.ArrowException) as err:
-            raise CacheError(f"{folder}: manifest.json cannot be read or lacks a field "
-                             f"({type(err).__name__}: {err})") from None
-        table = pa.concat_tables(tables).combine_chunks()
-        if table.num_rows != manifest["total_rows"]:
-            raise CacheError(f"{folder}: {table.num_rows} rows, manifest says {manifest['total_rows']}")
+        manifest, table = _checked_table(folder, expected, sparse)
         example = table.column("example_id").to_numpy()
         position = table.column("position").to_numpy()
         if np.any(np.diff(example) < 0):

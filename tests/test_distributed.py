@@ -189,8 +189,10 @@ def quiet_model(tiny_model, tmp_path_factory) -> Path:
     return path
 
 
-def chain_config(model: Path, root: Path, deepspeed: dict | None = None) -> dict:
-    cfg = tiny_config(model, root, run={"progress": False, "checkpoint_every": 2, "log_every": 1, "threads": 1})
+def chain_config(model: Path, root: Path, deepspeed: dict | None = None, **sections) -> dict:
+    """The tiny chain (``sections`` replace or extend the config's sections), under ``deepspeed``."""
+    cfg = tiny_config(model, root, run={"progress": False, "checkpoint_every": 2, "log_every": 1, "threads": 1},
+                      **sections)
     if deepspeed is not None:
         for role in ("teacher", "tutor", "student"):
             cfg[role]["train"] = {**cfg[role]["train"], "deepspeed": deepspeed}
@@ -207,23 +209,17 @@ def reference(quiet_model, tmp_path_factory):
 
 def pair_config(model: Path, root: Path, files: dict, deepspeed: dict | None = None) -> dict:
     """The chain on a sentence-pair task (MRPC-like local files, with a second evaluation file)."""
-    cfg = chain_config(model, root, deepspeed)
-    cfg["data"] = {**cfg["data"], **glue_data(files, "mrpc")}
-    return cfg
+    return chain_config(model, root, deepspeed, data=glue_data(files, "mrpc"))
 
 
-def lm_config(decoder: Path, root: Path, deepspeed: dict | None = None) -> dict:
-    """The chain on a language model (a tiny Llama, no dropout) with a sparse top-k teacher cache."""
-    cfg = chain_config(decoder, root, deepspeed)
-    cfg["data"] = {"task": "causal_lm", "name": "rotten_tomatoes", "max_train_examples": 64, "max_eval_examples": 24,
-                   "max_length": 32}
-    cfg["distill"] = {**cfg["distill"], "sparse_k": 8}
-    return cfg
+#: a language model's chain: a tiny Llama (no dropout) with a sparse top-8 teacher cache
+LM_SECTIONS = {"data": {"task": "causal_lm", "name": "rotten_tomatoes", "max_train_examples": 64, "max_eval_examples": 24,
+                        "max_length": 32}, "distill": {"sparse_k": 8}}
 
 
 @pytest.fixture(scope="module")
 def lm_reference(tiny_decoder, tmp_path_factory):
-    plan = plan_of(lm_config(tiny_decoder, tmp_path_factory.mktemp("lm_reference")))
+    plan = plan_of(chain_config(tiny_decoder, tmp_path_factory.mktemp("lm_reference"), **LM_SECTIONS))
     run_plan(plan)
     return plan
 
@@ -263,7 +259,7 @@ def launched(quiet_model, tiny_model, tiny_decoder, glue_files, tmp_path_factory
     sweeps = {name: write_yaml(folder / f"{name}.yaml", chain_config(quiet_model, folder / name, ds))
               for name, ds in ZERO.items()}
     sweeps["pair"] = write_yaml(folder / "pair.yaml", pair_config(quiet_model, folder / "pair", glue_files, ZERO["zero2"]))
-    sweeps["lm"] = write_yaml(folder / "lm.yaml", lm_config(tiny_decoder, folder / "lm", ZERO["zero2"]))
+    sweeps["lm"] = write_yaml(folder / "lm.yaml", chain_config(tiny_decoder, folder / "lm", ZERO["zero2"], **LM_SECTIONS))
     for name in ("uninterrupted", "resumed"):
         sweeps[name] = write_yaml(folder / f"{name}.yaml", chain_config(tiny_model, folder / name, RESUME))
     jobs = [{"sweep": str(path), "stop_at": 7 if name == "resumed" else None} for name, path in sweeps.items()]
