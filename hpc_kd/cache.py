@@ -116,9 +116,10 @@ def write_rank(folder: Path, model, encoded, prod: dict, num_labels: int, *, row
 
 def _write_shards(folder: Path, encoded, prod: dict, table, *, rows_per_shard: int, rank: int, world_size: int,
                   progress: bool, unit: str) -> list[dict]:
-    """Rank ``rank``'s slice of the examples (sorted by id), ``rows_per_shard`` examples a shard,
-    each shard (the ``index``-th) the Parquet file of ``table(rows, index)`` stamped with the producer, renamed into place,
-    and skipped when a valid one is left by an earlier attempt; then the rank's listing."""
+    """Rank ``rank``'s slice of the examples (sorted by id), ``rows_per_shard`` examples a shard;
+    the ``index``-th shard is the Parquet file of ``table(rows, index)`` stamped with the producer
+    and renamed into place, or kept when an earlier attempt left a valid one; then the rank's
+    listing."""
     from tqdm.auto import tqdm
 
     from .rundir import write_atomic
@@ -146,8 +147,9 @@ def _write_shards(folder: Path, encoded, prod: dict, table, *, rows_per_shard: i
     return infos
 
 
-def finalize(folder: Path, prod: dict, num_labels: int, world_size: int = 1) -> dict:
-    """Rank 0, after every rank has written: one manifest covering every rank's shards."""
+def finalize(folder: Path, prod: dict, num_labels: int, world_size: int = 1, sparse: dict | None = None) -> dict:
+    """Rank 0, after every rank has written: one manifest covering every rank's shards (and a
+    sparse cache's settings; its ``num_labels`` is the vocabulary size)."""
     folder = Path(folder)
     shards = []
     for rank in range(world_size):
@@ -158,23 +160,27 @@ def finalize(folder: Path, prod: dict, num_labels: int, world_size: int = 1) -> 
     manifest = {"schema": CACHE_SCHEMA, "producer": prod, "num_labels": num_labels, "world_size": world_size,
                 "total_rows": sum(s["rows"] for s in shards), "shards": shards,
                 "bytes": sum((folder / s["file"]).stat().st_size for s in shards)}
+    if sparse is not None:
+        manifest["sparse"] = dict(sparse)
     write_json(folder / "manifest.json", manifest)
     return manifest
 
 
-def write_cache(folder: Path, model, encoded, prod: dict, num_labels: int, **kw) -> dict:
+def write_cache(folder: Path, model, encoded, prod: dict, num_labels: int, sparse: dict | None = None, **kw) -> dict:
     """Write a whole cache: every shard, then the manifest. Called on every rank of a job
-    (:mod:`hpc_kd.distributed`), each rank writes its slice, then rank 0 the one manifest."""
+    (:mod:`hpc_kd.distributed`), each rank writes its slice, then rank 0 the one manifest. With
+    ``sparse`` (and ``support``, in ``kw``), a language model's sparse targets
+    (:func:`write_sparse_rank`; ``num_labels`` is then the vocabulary size)."""
     from . import distributed
 
     world = distributed.current()
-    if world.size == 1:
-        write_rank(folder, model, encoded, prod, num_labels, **kw)
-        return finalize(folder, prod, num_labels)
     kw["progress"] = kw.get("progress", False) and world.is_main
-    write_rank(folder, model, encoded, prod, num_labels, rank=world.rank, world_size=world.size, **kw)
-    distributed.barrier()
-    manifest = finalize(folder, prod, num_labels, world_size=world.size) if world.is_main else None
+    if sparse is None:
+        write_rank(folder, model, encoded, prod, num_labels, rank=world.rank, world_size=world.size, **kw)
+    else:
+        write_sparse_rank(folder, model, encoded, prod, sparse, rank=world.rank, world_size=world.size, **kw)
+    distributed.barrier()  # a no-op on one rank
+    manifest = finalize(folder, prod, num_labels, world.size, sparse) if world.is_main else None
     return distributed.broadcast(manifest)
 
 
@@ -285,6 +291,7 @@ def sparse_rows(model, encoded, rows: np.ndarray, sparse: dict, device, batch_si
     gen = torch.Generator().manual_seed(seed)
     per_seq = {}
     lengths = np.array([len(encoded.tokens[r]) for r in rows])
+    predicted = np.maximum(lengths - 1, 0)  # position t predicts token t + 1
     for local in eval_batches(lengths, batch_size):
         batch = {k: v.to(device) for k, v in encoded.collate(rows[local]).items()}
         z = forward(model, batch).float()[:, :-1].cpu()
@@ -295,15 +302,14 @@ def sparse_rows(model, encoded, rows: np.ndarray, sparse: dict, device, batch_si
         else:
             t = sampled(z, sparse["k"], sparse["tau"], gen)
         for j, i in enumerate(local):
-            n = max(int(lengths[i]) - 1, 0)
+            n = predicted[i]
             per_seq[i] = (t.ids[j, :n], t.log_probs[j, :n], t.tail[j, :n])
     k = sparse["k"]
     value = np.float16 if sparse["precision"] == "float16" else np.float32
-    ids = np.concatenate([per_seq[i][0].numpy().astype(np.int32).reshape(-1, k) for i in range(len(rows))])
-    logp = np.concatenate([per_seq[i][1].numpy().reshape(-1, k) for i in range(len(rows))]).astype(value)
-    tail = np.concatenate([per_seq[i][2].numpy() for i in range(len(rows))]).astype(np.float32)
-    example = np.repeat(encoded.ids[rows], [max(int(n) - 1, 0) for n in lengths])
-    position = np.concatenate([np.arange(max(int(n) - 1, 0), dtype=np.int32) for n in lengths])
+    ids, logp, tail = (np.concatenate([per_seq[i][c].numpy() for i in range(len(rows))]) for c in range(3))
+    ids, logp, tail = ids.astype(np.int32).reshape(-1, k), logp.reshape(-1, k).astype(value), tail.astype(np.float32)
+    example = np.repeat(encoded.ids[rows], predicted)
+    position = np.concatenate([np.arange(n, dtype=np.int32) for n in predicted])
     return pa.Table.from_arrays([
         pa.array(example, type=pa.int64()), pa.array(position, type=pa.int32()),
         pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), type=pa.int32()), k),
@@ -323,22 +329,6 @@ def write_sparse_rank(folder: Path, model, encoded, prod: dict, sparse: dict, *,
 
     return _write_shards(folder, encoded, prod, table, rows_per_shard=rows_per_shard, rank=rank, world_size=world_size,
                          progress=progress, unit="seq")
-
-
-def write_sparse_cache(folder: Path, model, encoded, prod: dict, sparse: dict, vocab: int, **kw) -> dict:
-    """:func:`write_cache` for sparse targets: every rank its slice, then rank 0 the manifest."""
-    from . import distributed
-
-    world = distributed.current()
-    kw["progress"] = kw.get("progress", False) and world.is_main
-    write_sparse_rank(folder, model, encoded, prod, sparse, rank=world.rank, world_size=world.size, **kw)
-    distributed.barrier()
-    manifest = None
-    if world.is_main:
-        manifest = finalize(folder, prod, vocab, world_size=world.size)
-        manifest["sparse"] = dict(sparse)
-        write_json(Path(folder) / "manifest.json", manifest)
-    return distributed.broadcast(manifest)
 
 
 class SparseLogitCache:

@@ -135,11 +135,11 @@ def evaluate(model, data: Encoded, batch_size: int, num_labels: int, device, per
     world = distributed.current()
     batches = eval_batches(data.lengths, batch_size)
     mine = batches[world.rank::world.size]
-    if data.lm:
-        return _evaluate_lm(model, data, batches, mine, device, per_example, reference)
     if distributed.partitioned(model):
         rounds = math.ceil(len(batches) / world.size)
         mine = mine + [batches[0]] * (rounds - len(mine))
+    if data.lm:
+        return _evaluate_lm(model, data, batches, mine, device, per_example, reference)
     was_training = model.training
     model.eval()
     found = []
@@ -176,7 +176,7 @@ def _evaluate_lm(model, data: Encoded, batches, mine, device, per_example: bool,
     was_training = model.training
     model.eval()
     found = []
-    hist = torch.zeros(model.get_output_embeddings().weight.shape[0], dtype=torch.float64)  # every rank: one size
+    hist = torch.zeros(model.get_output_embeddings().out_features, dtype=torch.float64)  # one size on every rank
     with torch.no_grad():
         for i, index in enumerate(mine):
             batch = {k: v.to(device) for k, v in data.collate(index).items()}

@@ -39,14 +39,22 @@ def _check(labels, preds) -> None:
         raise ValueError("labels and predictions must be non-empty and of the same length")
 
 
-def mcc(confusion: np.ndarray) -> float:
-    """Matthews correlation from a confusion matrix (rows true, columns predicted), in its
-    multi-class form (Gorodkin 2004): 0 when it is undefined (one row or column only)."""
-    c = confusion.astype(float)
-    s, correct = c.sum(), np.trace(c)
-    p, t = c.sum(axis=0), c.sum(axis=1)
-    denom = np.sqrt((s * s - (p * p).sum()) * (s * s - (t * t).sum()))
-    return float((correct * s - (p * t).sum()) / denom) if denom > 0 else 0.0
+def confusion_scores(confusion: np.ndarray) -> dict:
+    """Scores of confusion matrices [..., k, k] (rows true, columns predicted), over any leading
+    dimensions (one matrix, or one per bootstrap resample): accuracy, per-class precision, recall
+    and F1 [..., k] (0 where undefined), and Matthews correlation in its multi-class form
+    (Gorodkin 2004; 0 when undefined: one row or column only)."""
+    c = np.asarray(confusion, dtype=float)
+    n = c.sum(axis=(-2, -1))
+    tp = np.diagonal(c, axis1=-2, axis2=-1)
+    predicted, actual = c.sum(axis=-2), c.sum(axis=-1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
+    cov = tp.sum(axis=-1) * n - (predicted * actual).sum(axis=-1)
+    den = np.sqrt((n * n - (predicted ** 2).sum(axis=-1)) * (n * n - (actual ** 2).sum(axis=-1)))
+    mcc = np.divide(cov, den, out=np.zeros_like(cov), where=den > 0)
+    return {"accuracy": tp.sum(axis=-1) / n, "precision": precision, "recall": recall, "f1": f1, "mcc": mcc}
 
 
 def classification_metrics(labels, preds, num_labels: int) -> dict:
@@ -55,24 +63,19 @@ def classification_metrics(labels, preds, num_labels: int) -> dict:
     _check(labels, preds)
     confusion = np.zeros((num_labels, num_labels), dtype=np.int64)  # rows: true, columns: predicted
     np.add.at(confusion, (labels, preds), 1)
-    tp = np.diag(confusion).astype(float)
-    predicted = confusion.sum(axis=0).astype(float)
-    actual = confusion.sum(axis=1).astype(float)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    classes_predicted = int((predicted > 0).sum())
+    scores = confusion_scores(confusion)
+    precision, recall, f1 = scores["precision"], scores["recall"], scores["f1"]
+    classes_predicted = int((confusion.sum(axis=0) > 0).sum())
     out = {
         "n": int(labels.size),
-        "accuracy": float(tp.sum() / labels.size),
+        "accuracy": float(scores["accuracy"]),
         "precision": precision.tolist(),
         "recall": recall.tolist(),
         "f1": f1.tolist(),
         "macro_precision": float(precision.mean()),
         "macro_recall": float(recall.mean()),
         "macro_f1": float(f1.mean()),
-        "mcc": mcc(confusion),
+        "mcc": float(scores["mcc"]),
         "confusion": confusion.tolist(),
         "classes_predicted": classes_predicted,
         # The paper's TEID student predicted one class for every sentence: flag it, so it is
@@ -123,25 +126,16 @@ def resampled_scores(metric: str, labels, preds, idx: np.ndarray, num_labels: in
         return {"pearson": pearson, "spearman": spearman, "pearson_spearman": (pearson + spearman) / 2}[metric]
     y, p = y.astype(np.int64), p.astype(np.int64)
     k = num_labels or int(max(np.max(labels), np.max(preds))) + 1
-    n = y.shape[1]
-    confusion = np.stack([np.stack([((y == i) & (p == j)).sum(axis=1) for j in range(k)], axis=1)
-                          for i in range(k)], axis=1).astype(float)  # [B, true, predicted]
-    tp = np.diagonal(confusion, axis1=1, axis2=2)
-    predicted, actual = confusion.sum(axis=1), confusion.sum(axis=2)
-    accuracy = tp.sum(axis=1) / n
-    if metric == "accuracy":
-        return accuracy
-    if metric == "mcc":
-        cov = tp.sum(axis=1) * n - (predicted * actual).sum(axis=1)
-        den = np.sqrt((n * n - (predicted ** 2).sum(axis=1)) * (n * n - (actual ** 2).sum(axis=1)))
-        return np.divide(cov, den, out=np.zeros(len(cov)), where=den > 0)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
+    # one confusion matrix per resample [B, true, predicted], by counting (true, predicted) codes
+    codes = y * k + p + (k * k) * np.arange(len(y))[:, None]
+    confusion = np.bincount(codes.ravel(), minlength=len(y) * k * k).reshape(len(y), k, k)
+    scores = confusion_scores(confusion)
+    if metric in ("accuracy", "mcc"):
+        return scores[metric]
     if metric == "macro_f1":
-        return f1.mean(axis=1)
-    f1_pos = f1[:, 1] if f1.shape[1] > 1 else np.zeros(len(f1))
-    return f1_pos if metric == "f1" else (f1_pos + accuracy) / 2
+        return scores["f1"].mean(axis=1)
+    f1_pos = scores["f1"][:, 1]
+    return f1_pos if metric == "f1" else (f1_pos + scores["accuracy"]) / 2
 
 
 #: a language model is degenerate when one token is its top-1 at this share of the positions or more

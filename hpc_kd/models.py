@@ -264,12 +264,12 @@ def greedy_continuations(model, tokenizer, prompts=PROMPTS, new_tokens: int = 24
     was_training = model.training
     model.eval()
     out = {}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         for prompt in prompts:
             enc = tokenizer(prompt, return_tensors="pt")
             ids = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
-            gen = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+            gen = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
             out[prompt] = tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     model.train(was_training)
     return out

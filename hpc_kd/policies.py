@@ -245,8 +245,8 @@ class EnsemblePolicy(Policy):
 class BanditPolicy(Policy):
     """UCB1 over the two sources. After each step the trainer reports the reward, the drop in the
     student's gold loss (cross-entropy; squared error for regression) on a held-out slice of the
-    training data (``probe`` examples kept out of training); the source with the highest ``mean reward + c · scale · sqrt(2 ln t / n)`` is
-    picked for the next batch (each source is tried once first). ``scale`` is the running mean
+    training data (``probe`` examples kept out of training); the source with the highest
+    ``mean reward + c · scale · sqrt(2 ln t / n)`` is picked for the next batch (each source is tried once first). ``scale`` is the running mean
     absolute reward, so ``c`` does not depend on the loss scale."""
 
     name = "bandit"

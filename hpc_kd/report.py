@@ -330,7 +330,7 @@ def cross_task(rows: list[dict], split: str | None = None) -> dict | None:
         out.append({**dict(key), "cells": cells, "average": average})
     order = {"teacher": 0, "tutor": 1, "student": 2}
     out.sort(key=lambda r: (order.get(r["role"], 3), *_order(r)))
-    return {"split": split, "columns": [title for title, _, _ in cols], "groups": out}
+    return {"split": split, "columns": [title for title, _, _ in cols], "tasks": tasks, "groups": out}
 
 
 def _mean_std(values: list[float]) -> str:
@@ -340,8 +340,9 @@ def _mean_std(values: list[float]) -> str:
     return f"{100 * np.mean(values):.2f}{std}"
 
 
-def cross_task_markdown(table: dict, rows: list[dict]) -> str:
-    """The cross-task table, and each policy's mean paired difference to plain KD per task."""
+def cross_task_markdown(table: dict, paired: list[dict]) -> str:
+    """The cross-task table, and each policy's mean paired difference to plain KD per task (the
+    rows of :func:`paired_vs_kd`)."""
     split, cols = table["split"], table["columns"]
     head = "| model | depth | policy | tutor | " + " | ".join(cols) + " | average |"
     sep = "|---|---|---|---|" + "---|" * (len(cols) + 1)
@@ -353,28 +354,20 @@ def cross_task_markdown(table: dict, rows: list[dict]) -> str:
         cells = " | ".join(_mean_std(g["cells"].get(c, [])) for c in cols)
         lines.append(f"| {name} | {g.get('depth')} | {g.get('policy') or '–'} | {g.get('tutor_update') or '–'} | "
                      f"{cells} | {_mean_std(g['average'])} |")
-    # paired differences to plain KD per task (and of the average), by depth, chain and seed
-    k = SPLIT_KEY[split]
-    students = [r for r in students_done(rows) if r.get("task")]
-    base = {}
-    for r in students:
-        if plain_kd(r):
-            base[(r["task"], r["depth"], r.get("chain"), r.get("seed"))] = r
-    diffs: dict = defaultdict(lambda: defaultdict(list))
-    for r in students:
-        b = base.get((r["task"], r["depth"], r.get("chain"), r.get("seed")))
-        if plain_kd(r) or b is None:
-            continue
-        group = (r.get("iteration") or 1, -(r["depth"] or 0), str(r.get("chain")), str(r.get("tutor_update")), r["policy"])
-        diffs[group][r["task"]].append((r.get("seed"), r[f"{k}_score"] - b[f"{k}_score"]))
-    if diffs:
-        titles = list(dict.fromkeys(t for _, t, _ in _task_columns(students, split)))
+    # each policy's paired difference to plain KD (paired_vs_kd's rows), a column per task
+    by_group: dict = defaultdict(dict)
+    for r in paired:
+        if r.get("task"):
+            group = (r.get("iteration") or 1, -(r.get("depth") or 0), str(r.get("chain")), str(r.get("tutor_update")), r["policy"])
+            by_group[group][r["task"]] = r
+    if by_group:
+        tasks = table["tasks"]
         lines += ["", f"### Difference to plain KD per task ({split} score points, mean over seeds)", "",
-                  "| depth | chain | policy | tutor | " + " | ".join(_title(t) for t in titles) + " |",
-                  "|---|---|---|---|" + "---|" * len(titles)]
-        for (it, neg_depth, chain, mode, policy), by_task in sorted(diffs.items()):
-            cells = " | ".join(f"{100 * np.mean([d for _, d in by_task[t]]):+.2f} (n={len(by_task[t])})"
-                               if by_task.get(t) else "–" for t in titles)
+                  "| depth | chain | policy | tutor | " + " | ".join(_title(t) for t in tasks) + " |",
+                  "|---|---|---|---|" + "---|" * len(tasks)]
+        for (_, neg_depth, chain, mode, policy), by_task in sorted(by_group.items()):
+            cells = " | ".join(f"{_value(r['metric'], r['diff'], True)} (n={r['n']})" if (r := by_task.get(t)) else "–"
+                               for t in tasks)
             lines.append(f"| {-neg_depth} | {chain} | {policy} | {mode} | {cells} |")
     return "\n".join(lines) + "\n"
 
@@ -484,7 +477,7 @@ def write_report(root: str | Path, rows: list[dict]) -> str | None:
     summ = summary(rows)
     paired = paired_vs_kd(root, rows)
     table = cross_task(rows)
-    text = (cross_task_markdown(table, rows) + "\n" if table else "") + summary_markdown(summ, paired)
+    text = (cross_task_markdown(table, paired) + "\n" if table else "") + summary_markdown(summ, paired)
     write_atomic(sweep.summary_file, text)
     plots = sweep.plots
     plots.mkdir(exist_ok=True)

@@ -12,13 +12,14 @@ Two ways to choose the k entries:
 - :func:`sampled`: ``n`` tokens drawn from the teacher's (tempered) distribution, with replacement;
   each distinct token carries its empirical frequency (count / n), and the tail is empty. The
   frequencies are an unbiased estimate of the teacher's probabilities (E[count / n] = p_T), so the
-  forward-KL loss against them is, up to the teacher's entropy (a constant), unbiased for the
-  dense one, in value and gradient; top-k is biased toward the head but exact on it.
+  cross-entropy part of the forward-KL loss, and with it the loss's gradient, is unbiased for the
+  dense one; its value is not (the draws' own entropy stands in for the teacher's). Top-k is
+  biased toward the head but exact on it.
 
 **How the tail enters every loss** (:func:`divergence`): teacher and student are compared on the
 same support, the target's entries plus one tail bin. The student's bins are its probabilities of
-the target's tokens (from its full softmax) and, in the tail bin, one minus their sum; the teacher's
-are the stored probabilities and its tail. Any divergence of :data:`hpc_kd.losses.DIVERGENCES` is
+the target's tokens (from its full softmax) and, in the tail bin, the mass of every other token;
+the teacher's are the stored probabilities and its tail. Any divergence of :data:`hpc_kd.losses.DIVERGENCES` is
 then computed on those bins. This is exact when the entries cover the vocabulary; otherwise it is
 the divergence between the two distributions coarse-grained onto the bins, which for every
 divergence of the family is at most the dense one (data processing), with equality when the
@@ -39,9 +40,9 @@ from .losses import DIVERGENCES
 
 @dataclass(frozen=True)
 class SparseTargets:
-    """Per position: ``ids`` [..., k] (int64; padding entries have ``weight`` 0), ``log_probs``
-    [..., k] (the teacher's log-probabilities of those ids, -inf for padding) and ``tail`` [...] (the
-    log of the mass outside them; -inf for none)."""
+    """Per position: ``ids`` [..., k] (int64), ``log_probs`` [..., k] (the teacher's
+    log-probabilities of those ids; -inf marks a padding entry, e.g. a repeated draw) and ``tail``
+    [...] (the log of the mass outside them; -inf for none)."""
 
     ids: torch.Tensor
     log_probs: torch.Tensor

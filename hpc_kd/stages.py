@@ -51,25 +51,27 @@ LATER_FIELDS = {"loss_args": None, "sparse": None, "support": None}
 LATER_DATA_KEYS = {"task": "classification", "text_pair_column": None, "also_evaluate": [], "metric": None}
 
 
+def _later_dropped(settings: dict, later: dict) -> dict:
+    return {k: v for k, v in settings.items() if not (k in later and v == later[k])}
+
+
 def _data_settings(data: dict, cfg: DataConfig) -> dict:
-    data = dict(data)
-    if data.get("metric") == ("pearson_spearman" if cfg.regression else "accuracy"):
-        data["metric"] = None
-    return {k: v for k, v in data.items() if not (k in LATER_DATA_KEYS and v == LATER_DATA_KEYS[k])}
+    if data.get("metric") == cfg.headline_metric:  # the task's default, said explicitly
+        data = {**data, "metric": None}
+    return _later_dropped(data, LATER_DATA_KEYS)
 
 
 class Stage:
     kind = "stage"
 
     def settings(self) -> dict:
-        settings = {k: v for k, v in to_dict(self).items()
-                    if k not in DISPLAY_FIELDS and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+        settings = _later_dropped({k: v for k, v in to_dict(self).items() if k not in DISPLAY_FIELDS}, LATER_FIELDS)
         for key, value in vars(self).items():
             if isinstance(value, DataConfig):
                 settings[key] = _data_settings(settings[key], value)
             elif isinstance(value, Stage) and isinstance(getattr(value, "data", None), DataConfig):
-                nested = {k: v for k, v in settings[key].items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
-                settings[key] = {**nested, "data": _data_settings(settings[key]["data"], value.data)}
+                nested = _later_dropped(settings[key], LATER_FIELDS)
+                settings[key] = {**nested, "data": _data_settings(nested["data"], value.data)}
         return _without_execution(settings)
 
     @property
@@ -232,22 +234,16 @@ class CacheLogits(Stage):
         model_dir = self.model.path(root)
         dataset = Dataset.build(self.data, load_tokenizer(str(model_dir)))
         model = load_classifier(model_dir)
-        if self.sparse is not None:
-            from .cache import write_sparse_cache
-
-            support = self.support.load(root, dataset, run_cfg) if self.support is not None else None
-            manifest = write_sparse_cache(self.folder(root), model, dataset.encoded[self.split], self.expected(root, dataset),
-                                          self.sparse, model.get_output_embeddings().weight.shape[0],
-                                          rows_per_shard=run_cfg.cache_rows_per_shard, device=_device(run_cfg),
-                                          progress=_trainer_options(run_cfg, None)["progress"], support=support)
-            return {"kind": "cache", "rows": manifest["total_rows"], "shards": len(manifest["shards"]),
-                    "bytes": manifest["bytes"], "producer": manifest["producer"], "sparse": self.sparse,
-                    "layers": depth(model)}
+        sparse = {}
+        if self.sparse is not None:  # a language model's targets: one column per vocabulary entry
+            sparse = {"sparse": self.sparse, "support": self.support.load(root, dataset, run_cfg) if self.support else None}
+        width = model.get_output_embeddings().out_features if self.sparse is not None else self.data.num_labels
         manifest = write_cache(self.folder(root), model, dataset.encoded[self.split], self.expected(root, dataset),
-                               self.data.num_labels, rows_per_shard=run_cfg.cache_rows_per_shard,
-                               device=_device(run_cfg), progress=_trainer_options(run_cfg, None)["progress"])
-        return {"kind": "cache", "rows": manifest["total_rows"], "shards": len(manifest["shards"]),
-                "bytes": manifest["bytes"], "producer": manifest["producer"], "layers": depth(model)}
+                               width, rows_per_shard=run_cfg.cache_rows_per_shard, device=_device(run_cfg),
+                               progress=_trainer_options(run_cfg, None)["progress"], **sparse)
+        result = {"kind": "cache", "rows": manifest["total_rows"], "shards": len(manifest["shards"]),
+                  "bytes": manifest["bytes"], "producer": manifest["producer"], "layers": depth(model)}
+        return {**result, "sparse": self.sparse} if self.sparse is not None else result
 
     def load(self, root: Path, dataset, run_cfg: RunConfig):
         """The validated cache for ``dataset``. A cache that fails validation is rebuilt from its

@@ -185,6 +185,15 @@ def assert_snapshot(name: str, text: str) -> None:
     assert text == path.read_text(), f"{name} differs from its snapshot ({UPDATE_SNAPSHOTS}=1 accepts the change)"
 
 
+def process_env(**extra) -> dict:
+    """This process's environment for a child process, without the rank variables a one-rank
+    DeepSpeed stage run in this process leaves behind (``LOCAL_RANK``, which would make the child
+    think it is a rank of a distributed job), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, **extra}
+
+
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import process_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,7 +18,7 @@ def test_finetune_throughput_against_hf_trainer_runs_like_for_like(tiny_model):
         [sys.executable, str(ROOT / "benchmarks" / "finetune_throughput.py"), "--pretrained", str(tiny_model),
          "--device", "cpu", "--steps", "2", "--warmup", "1", "--rounds", "1", "--batch-size", "8",
          "--max-length", "32", "--threads", "1"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT)
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=process_env())
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in out.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| mode")}
@@ -30,7 +32,7 @@ def test_finetune_throughput_against_hf_trainer_runs_like_for_like(tiny_model):
 def test_sparse_fidelity_runs_on_a_decoder(tiny_decoder):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sparse_fidelity.py"), "--pretrained", str(tiny_decoder),
                           "--tokens", "64", "--ks", "4", "--student-layers", "2", "--draws", "2", "--threads", "1"],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, env=process_env())
     assert out.returncode == 0, out.stderr[-3000:]
     names = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ") and "| 4 |" in line]
     assert names == ["4", "top-k + tail", "top-k renormalised", "sampled (one draw set)", "sampled (mean of 2)"]

@@ -30,7 +30,7 @@ from hpc_kd.distributed import World, detect, device_for, master_port, parse_nod
 from hpc_kd.plan import load_plan
 from hpc_kd.policies import POLICIES
 
-from .conftest import assert_snapshot, glue_data, plan_of, require_slurm, run_plan, tiny_config, write_yaml
+from .conftest import assert_snapshot, glue_data, plan_of, process_env, require_slurm, run_plan, tiny_config, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -239,9 +239,7 @@ RESUME = {"zero_stage": 1, "gradient_accumulation": 2}
 def torchrun(jobs: list[dict], folder: Path) -> subprocess.CompletedProcess:
     spec = folder / f"jobs-{len(list(folder.glob('jobs-*')))}.json"
     spec.write_text(json.dumps(jobs))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HPC_KD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = process_env(HF_HUB_OFFLINE="1", HPC_KD_NO_PROGRESS="1", OMP_NUM_THREADS="1")
     # --standalone: torchrun picks a free port itself (a port chosen here could be taken before it binds)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "tests" / "dist_worker.py"), str(spec)]

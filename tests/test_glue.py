@@ -213,7 +213,7 @@ def test_the_cross_task_table_has_a_column_per_task_and_the_average(two_task_swe
     assert len(teachers) == 1 and set(teachers[0]["cells"]) == {"MRPC", "STS-B"}
     summary = (two_task_sweep / "summary.md").read_text()
     assert "### All tasks (validation" in summary and "| MRPC | STS-B | average |" in summary
-    assert "### Difference to plain KD per task" in summary
+    assert "### Difference to plain KD per task" in summary and "| 2 | 2 | min_loss | online | " in summary
     assert (two_task_sweep / "plots" / "accuracy_vs_depth_glue_stsb.png").exists()
 
 

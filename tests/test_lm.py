@@ -2,6 +2,7 @@
 corpus, next-token losses per sequence, sparse top-k / sampled logit caches, TEID over tokens with
 every policy, LM evaluation, resume. The embedded SmolLM2 teacher and the LM tables are still to
 come."""
+import json
 import math
 
 import numpy as np
@@ -91,7 +92,8 @@ def test_a_decoder_chain_trains_resumes_and_reports(tiny_decoder, tmp_path):
         assert val["perplexity"] == pytest.approx(math.exp(val["token_nll"])) and len(val["nll"]) == 24
         assert set(res["continuations"]) == {"This movie was", "The acting in this film", "I would not recommend"}
     assert 0 <= student["validation"]["teacher_agreement"] <= 1 and "teacher_agreement" not in teacher["validation"]
-    assert teacher["validation"]["token_nll"] < math.log(teacher["params"])  # it learnt something
+    vocab = json.loads((ref_plan.stages[teacher_key].run_dir(ref_plan.root).model / "config.json").read_text())["vocab_size"]
+    assert teacher["validation"]["token_nll"] < math.log(vocab) - 0.1  # better than the uniform guess: it learnt
     assert student["kind"] == "teid" and student["layers"] == 2 and student["selection"]["examples"] == 2 * 64
     plan = make_plan(tiny_decoder, tmp_path / "resumed", **sections)
     resumed = interrupt_and_resume(plan, student_key, 5)
@@ -124,7 +126,7 @@ def test_a_sparse_cache_holds_each_tokens_targets_keyed_by_sequence_and_position
     from hpc_kd.cache import CacheError, SparseLogitCache
     from hpc_kd.data import Dataset
     from hpc_kd.models import load_classifier, load_tokenizer
-    from hpc_kd.sparse import top_k
+    from hpc_kd.sparse import project
 
     plan = make_plan(tiny_decoder, tmp_path, **cached_sections(tiny_decoder, distill={
         "sparse_targets": kind, "sparse_precision": precision, "tau": 2.0}))
@@ -143,10 +145,18 @@ def test_a_sparse_cache_holds_each_tokens_targets_keyed_by_sequence_and_position
         z = load_classifier(model_dir)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     mask = batch["labels"][:, 1:] != -100
     if kind == "top_k":  # what the teacher gives now, at the stored precision
-        want = top_k(z, 8, 2.0)
-        assert torch.equal(got.ids[mask], want.ids[mask])
-        assert torch.allclose(got.log_probs[mask], want.log_probs[mask], atol=1e-5 if precision == "float32" else 2e-2)
-        assert torch.allclose(got.tail[mask], want.tail[mask], atol=1e-5)
+        # The cache ran other batch shapes than this forward pass (other padding, other kernel
+        # blocking): equal up to rounding, so two nearly tied tokens may trade places. Asserted:
+        # the stored tokens are the teacher's top 8, in order, with its log-probabilities, and the
+        # tail is the mass of every other token.
+        tol = 1e-5 if precision == "float32" else 2e-2
+        now = project(z, got, 2.0)  # the teacher's distribution now, on the stored tokens and tail
+        stored = got.log_probs[mask]
+        assert torch.allclose(stored, now.log_probs[mask], atol=tol)
+        ninth = torch.log_softmax(z / 2.0, -1).topk(9, -1).values[..., 8][mask]
+        assert (stored.min(-1).values >= ninth - tol).all() and (stored.diff(dim=-1) <= tol).all()
+        assert torch.allclose(got.tail[mask], now.tail[mask], atol=1e-5)
+        assert (got.ids[mask].sort(-1).values.diff(dim=-1) > 0).all()  # 8 distinct tokens
     else:  # frequencies of 8 draws: they sum to 1 and every drawn token is a real one
         weights = torch.where(got.valid, got.log_probs.exp(), torch.zeros(()))
         assert torch.allclose(weights.sum(-1)[mask], torch.ones(int(mask.sum())), atol=2e-3)
