@@ -335,12 +335,24 @@ def run_here(plan, actions: dict[str, Action], run_cfg: RunConfig, *, folder: Pa
                     outcome[key] = _finish(plan, key, job, started, log)
             if running and folder is not None:
                 time.sleep(poll_s)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, `launch cancel`: the running jobs stop with the launcher
         for job, _ in running.values():
             if job is not None:
-                job.cancel(check=False)
+                _kill_local(job)
         raise
     return outcome
+
+
+def _kill_local(job) -> None:
+    """Kill a local job's controller; its worker dies with it (:func:`die_with_parent`). Not
+    submitit's ``cancel``, a SIGINT, which a controller started from a launcher that ignores SIGINT
+    (the background of a script) ignores too."""
+    import signal
+
+    try:
+        os.kill(int(job.job_id), signal.SIGKILL)
+    except (ProcessLookupError, ValueError):
+        pass
 
 
 def states_note(plan, key: str) -> str:

@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["cancel"]:
         return cancel_main(argv[1:])
     args = parse(argv)
+    stop_on_sigterm()
     try:
         plan = load_plan(args.sweep, args.overrides)
     except ConfigError as err:
@@ -150,10 +151,27 @@ def main(argv=None) -> int:
                 record_states(plan, stage_states(plan.root, executors.graph(plan)))
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; a relaunch resumes the rest", file=sys.stderr)
-        return 130
+        return STOPPED
     if args.executor != "slurm":
         return _finish(plan, sum(a is Action.DONE for a in outcome.values()), len(outcome), started)
     return _after_submit(plan, actions, states, submitted, args.wait, started)
+
+
+#: the exit status of a launcher stopped by Ctrl-C, SIGTERM or ``launch cancel`` (the shell's for SIGINT)
+STOPPED = 130
+
+
+def stop_on_sigterm() -> None:
+    """Stop the launcher on SIGTERM (what ``launch cancel``, ``kill`` and batch systems send) as on
+    Ctrl-C: it starts nothing more, kills its running jobs and exits :data:`STOPPED`. SIGINT is
+    left as inherited: a launcher started in the background of a script ignores it (so that a
+    Ctrl-C meant for the script's foreground does not reach it), and SIGTERM still stops it."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def unwritable(sweep: SweepDir) -> str | None:
@@ -206,7 +224,7 @@ def _after_submit(plan: Plan, actions, states, submitted, wait: bool, started: f
             states = executors.follow(plan, log=_log)
         except KeyboardInterrupt:
             print(f"\nstopped following; the jobs keep running: python -m hpc_kd.launch status {plan.root}")
-            return 130
+            return STOPPED
         with launch_lock(SweepDir(plan.root)):
             record_states(plan, states)
     return _finish(plan, sum(st.state is State.DONE for st in states.values()), len(states), started)
@@ -235,13 +253,16 @@ def _finish(plan, done: int, stages: int, started: float) -> int:
 
 
 def cancel_main(argv=None) -> int:
-    """``python -m hpc_kd.launch cancel results/<name> [--stage KEY ...]``."""
+    """``python -m hpc_kd.launch cancel results/<name> [--stage KEY ...] [--timeout S]``. Exit 0 when
+    everything it found was stopped, 1 when a launcher holding the sweep did not stop."""
     parser = argparse.ArgumentParser(prog="python -m hpc_kd.launch cancel",
                                      description="Stop a sweep's queued and running jobs (all, or those of --stage "
                                                  "and what needs them). Finished stages stay; a later launch "
                                                  "resumes the cancelled ones from their checkpoints.")
     parser.add_argument("sweep_dir", help="results/<sweep>, the folder holding sweep.json")
     parser.add_argument("--stage", action="append", default=None, help="cancel this stage key (repeatable)")
+    parser.add_argument("--timeout", type=float, default=60, metavar="S",
+                        help="seconds a local launcher of the sweep has to stop on SIGTERM before it is killed [60]")
     args = parser.parse_args(argv)
     sweep = SweepDir(args.sweep_dir)
     if not sweep.has_sweep():
@@ -249,37 +270,74 @@ def cancel_main(argv=None) -> int:
         return 2
     from .status import sweep_graph
 
-    graph = sweep_graph(sweep.root)
+    try:
+        graph = sweep_graph(sweep.root)
+    except ValueError as err:
+        print(f"error: {sweep.sweep_file} is unreadable ({err}); relaunch the sweep to rewrite it", file=sys.stderr)
+        return 2
     unknown = [k for k in args.stage or [] if k not in graph]
     if unknown:
         print(f"error: no stage {', '.join(unknown)} in {sweep.root}", file=sys.stderr)
         return 2
     if args.stage:  # a local launcher may be running the rest: it sees these as cancelled
         stopped = executors.cancel(sweep.root, graph, stage_states(sweep.root, graph), args.stage, log=_log)
-    else:
-        _interrupt_local_launcher(sweep)  # it holds the sweep's lock and would start what is left
-        with launch_lock(sweep, timeout_s=120):
-            stopped = executors.cancel(sweep.root, graph, stage_states(sweep.root, graph), None, log=_log)
+        print(f"{len(stopped)} stage job(s) cancelled; resume with the launch command (finished stages are kept)")
+        return 0
+    # What runs now is cancelled, and what the launcher still starts before it stops: a launcher
+    # that stops kills its own jobs, which then no longer look like running ones.
+    before = stage_states(sweep.root, graph)
+    problem = stop_launcher(sweep, args.timeout)
+    after = stage_states(sweep.root, graph)
+    active = (State.RUNNING, State.PENDING)
+    states = {k: before[k] if before[k].state in active and after[k].state is not State.DONE else after[k] for k in graph}
+    if problem is None:
+        with launch_lock(sweep, timeout_s=args.timeout):
+            stopped = executors.cancel(sweep.root, graph, states, None, log=_log)
+    else:  # its jobs are stopped all the same
+        stopped = executors.cancel(sweep.root, graph, states, None, log=_log)
     print(f"{len(stopped)} stage job(s) cancelled; resume with the launch command (finished stages are kept)")
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     return 0
 
 
-def _interrupt_local_launcher(sweep: SweepDir) -> None:
-    """A local launch running this sweep (the holder of its lock, on this host): Ctrl-C it, as a
-    user would, so that it starts nothing more and stops its jobs."""
+def stop_launcher(sweep: SweepDir, timeout_s: float) -> str | None:
+    """Stop the launcher that holds the sweep's lock, if any: SIGTERM (which it handles as a
+    Ctrl-C, whatever it inherited: see :func:`stop_on_sigterm`), then SIGKILL after ``timeout_s``.
+    Returns None once the lock is free, else why it is not (a launcher on another host, or one
+    that outlived both signals)."""
     import os
     import signal
 
     try:
-        pid = local_pid(sweep.lock_file.read_text())
+        holder = sweep.lock_file.read_text().strip()
     except FileNotFoundError:
-        return
+        return None
+    pid = local_pid(holder)
     if pid is not None and pid != os.getpid():
         try:
-            os.kill(pid, signal.SIGINT)
-            _log(f"[cancel] interrupted the local launcher (pid {pid})")
+            os.kill(pid, signal.SIGTERM)
+            _log(f"[cancel] stopping the local launcher (pid {pid})")
         except ProcessLookupError:
             pass
+    try:
+        with launch_lock(sweep, timeout_s=timeout_s):
+            return None
+    except TimeoutError:
+        if pid is None:
+            return (f"the sweep is held by {holder}, which is not a process of this machine: stop that launcher "
+                    f"there (its jobs here were cancelled)")
+    try:
+        os.kill(pid, signal.SIGKILL)
+        _log(f"[cancel] the launcher (pid {pid}) did not stop within {timeout_s:.0f}s of SIGTERM: killed it")
+    except ProcessLookupError:
+        pass
+    try:
+        with launch_lock(sweep, timeout_s=10):
+            return None
+    except TimeoutError:
+        return f"the launcher (pid {pid}) still holds {sweep.lock_file} after SIGTERM and SIGKILL"
 
 
 # -- run: on every rank of a job started by hand ---------------------------------------------

@@ -197,10 +197,17 @@ def test_options_and_overrides_mix_and_a_launch_that_starts_nothing_leaves_no_fo
     capsys.readouterr()
 
 
-def test_cancel_stops_a_local_sweep_and_a_relaunch_resumes_it(tiny_model, tmp_path):
-    """`launch cancel` on a sweep a local launcher is running: the launcher stops, the running
-    job dies (controller and worker), status says cancelled (not failed), nothing is left running,
-    and the next launch resumes the cancelled stage from its checkpoint to the uninterrupted numbers."""
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_cancel_stops_a_local_sweep_and_a_relaunch_resumes_it(tiny_model, tmp_path, sigint):
+    """`launch cancel` on a sweep a local launcher is running: the launcher stops (exit 130), the
+    running job dies (controller and worker), status says cancelled (not failed), nothing is left
+    running, and the next launch resumes the cancelled stage from its checkpoint to the
+    uninterrupted numbers. Also for a launcher started with SIGINT ignored, as a background job of
+    a script is (and its jobs with it)."""
     sections = dict(data={"max_train_examples": 400}, teacher={"train": {"lr": 1e-3, "batch_size": 8, "epochs": 12}},
                     run={"progress": False, "checkpoint_every": 5, "log_every": 5, "threads": 1},
                     grid={"distill.policy": ["teacher", "min_loss"]})
@@ -209,7 +216,8 @@ def test_cancel_stops_a_local_sweep_and_a_relaunch_resumes_it(tiny_model, tmp_pa
     root = tmp_path / "out" / cfg["name"]
     env = {**os.environ, "HPC_KD_NO_PROGRESS": "1"}
     launcher = subprocess.Popen([sys.executable, "-m", "hpc_kd.launch", str(sweep), "--executor", "local"],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_ignore_sigint if sigint == "ignored" else None)
     try:
         deadline = time.monotonic() + 120
         teacher = None
@@ -227,7 +235,8 @@ def test_cancel_stops_a_local_sweep_and_a_relaunch_resumes_it(tiny_model, tmp_pa
         out = subprocess.run([sys.executable, "-m", "hpc_kd.launch", "cancel", str(root)], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=180)
         assert out.returncode == 0, out.stdout + out.stderr
-        assert launcher.wait(timeout=60) != 0
+        assert "Traceback" not in out.stderr and "stopping the local launcher" in out.stderr, out.stderr
+        assert launcher.wait(timeout=60) == launch.STOPPED
         deadline = time.monotonic() + 20
         while _alive(controller) or any(_alive(w) for w in workers):
             assert time.monotonic() < deadline, "a cancelled job is still running"
@@ -267,3 +276,42 @@ def test_cancel_of_a_sweep_with_nothing_running_cancels_nothing(tiny_model, tmp_
     assert "0 stage job(s) cancelled" in capsys.readouterr().out
     assert launch.main(["cancel", str(root), "--stage", "nope"]) == 2
     assert launch.main(["cancel", str(tmp_path)]) == 2
+
+
+def _hold_lock(root: Path, holder: str, ignore_term: bool) -> subprocess.Popen:
+    """A process that holds the sweep's launch lock as a launcher does, writing ``holder`` (the
+    text a launcher writes: "pid N on HOST"; ``{pid}`` is its own), and that may ignore SIGTERM."""
+    code = (f"import fcntl, os, signal, sys, time\n"
+            f"{'signal.signal(signal.SIGTERM, signal.SIG_IGN)' if ignore_term else ''}\n"
+            f"f = open({str(root / 'runs.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+            f"f.seek(0); f.truncate(); f.write({holder!r}.format(pid=os.getpid()) + '\\n'); f.flush()\n"
+            f"print('locked', flush=True); time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_cancel_kills_a_launcher_that_ignores_sigterm_and_reports_one_it_cannot_reach(tiny_model, tmp_path):
+    """A launcher that outlives SIGTERM is killed after --timeout (exit 0, said on the console); a
+    lock held from another machine cannot be stopped from here: exit 1, named, no traceback."""
+    cfg = tiny_config(tiny_model, tmp_path / "out", distill={"policy": "teacher"})
+    sweep = write_yaml(tmp_path / "s.yaml", cfg)
+    root = tmp_path / "out" / cfg["name"]
+    launch.SweepDir(root).write_sweep(launch.sweep_record(launch.load_plan(str(sweep), [])))
+    cancel = [sys.executable, "-m", "hpc_kd.launch", "cancel", str(root), "--timeout", "2"]
+    stubborn = _hold_lock(root, "pid {pid} on " + os.uname().nodename, ignore_term=True)
+    try:
+        out = subprocess.run(cancel, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"the launcher (pid {stubborn.pid}) did not stop within 2s of SIGTERM: killed it" in out.stderr
+        assert stubborn.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        stubborn.kill()
+    remote = _hold_lock(root, "pid 4242 on another-host", ignore_term=False)
+    try:
+        out = subprocess.run(cancel, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "held by pid 4242 on another-host, which is not a process of this machine" in out.stderr
+        assert "Traceback" not in out.stderr and remote.poll() is None
+    finally:
+        remote.kill()
