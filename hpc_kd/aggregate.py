@@ -36,29 +36,42 @@ def _row(root: Path, key: str, sweep: dict, extra: dict, states: dict) -> dict:
     row.update({"role": info["role"], "depth": info["layers"], "run": key, "state": states[key].state})
     row.update(extra)
     if row["state"] == State.DONE:
-        res = SweepDir(root).run(key, info).result()
-        row["depth"] = res.get("layers", row["depth"])
-        row["metric"] = res["validation"].get("metric", "accuracy")
-        for split, prefix in (("validation", "val"), ("test", "test")):
-            if split in res:
-                # results from before the task metric have accuracy only, which was their metric
-                row[f"{prefix}_score"] = res[split].get("score", res[split].get("accuracy"))
-                row[f"{prefix}_acc"] = res[split].get("accuracy")
-                row[f"{prefix}_macro_f1"] = res[split].get("macro_f1")
-                row[f"{prefix}_nll"] = res[split].get("token_nll")
-        row["val_ppl"] = res["validation"].get("perplexity")
-        row["agreement"] = res["validation"].get("teacher_agreement")
-        for split, value in res.items():  # data.also_evaluate
-            if split not in ("validation", "test", "tutor_validation") and isinstance(value, dict) and "score" in value:
-                row[f"{split}_score"] = value["score"]
-        row["collapsed"] = res["validation"]["collapsed"]
-        row["params"] = res.get("params")
-        sel = res.get("selection")
-        if sel:
-            row["teacher_share"] = sel["teacher_share"]
-            batches = sel["teacher_batches"] + sel["tutor_batches"] + sel["mixed_batches"]
-            row["teacher_batches"] = f"{sel['teacher_batches']}/{batches}"
+        run = SweepDir(root).run(key, info)
+        try:
+            _fill(row, run.result())
+        except (KeyError, TypeError, ValueError, AttributeError, OSError) as err:  # read, but not a result
+            row.update({c: None for c in COLUMNS if c not in ("role", "run") and c not in extra})
+            row.update({"depth": info["layers"], "state": State.DAMAGED,
+                        "damage": f"{run.result_file} does not hold a result ({type(err).__name__}: {err}); "
+                                  f"delete it and relaunch to run the stage again"})
+    elif row["state"] == State.DAMAGED:
+        row["damage"] = states[key].detail
     return row
+
+
+def _fill(row: dict, res: dict) -> None:
+    """A finished run's columns from its ``result.json``."""
+    row["depth"] = res.get("layers", row["depth"])
+    row["metric"] = res["validation"].get("metric", "accuracy")
+    for split, prefix in (("validation", "val"), ("test", "test")):
+        if split in res:
+            # results from before the task metric have accuracy only, which was their metric
+            row[f"{prefix}_score"] = res[split].get("score", res[split].get("accuracy"))
+            row[f"{prefix}_acc"] = res[split].get("accuracy")
+            row[f"{prefix}_macro_f1"] = res[split].get("macro_f1")
+            row[f"{prefix}_nll"] = res[split].get("token_nll")
+    row["val_ppl"] = res["validation"].get("perplexity")
+    row["agreement"] = res["validation"].get("teacher_agreement")
+    for split, value in res.items():  # data.also_evaluate
+        if split not in ("validation", "test", "tutor_validation") and isinstance(value, dict) and "score" in value:
+            row[f"{split}_score"] = value["score"]
+    row["collapsed"] = res["validation"]["collapsed"]
+    row["params"] = res.get("params")
+    sel = res.get("selection")
+    if sel:
+        row["teacher_share"] = sel["teacher_share"]
+        batches = sel["teacher_batches"] + sel["tutor_batches"] + sel["mixed_batches"]
+        row["teacher_batches"] = f"{sel['teacher_batches']}/{batches}"
 
 
 def collect(root: str | Path, states: dict | None = None) -> list[dict]:
@@ -153,7 +166,8 @@ def cache_note(root: Path) -> str:
         run = sweep.run(key)
         if info["kind"] == "cache" and run.done():
             res = run.result()
-            sizes.append((res["rows"], res["bytes"]))
+            if isinstance(res.get("rows"), int) and isinstance(res.get("bytes"), int):
+                sizes.append((res["rows"], res["bytes"]))
     if not sizes:
         return ""
     total = sum(b for _, b in sizes)
@@ -167,7 +181,11 @@ def aggregate(root: str | Path) -> str:
 
     root = Path(root)
     rows = collect(root)
+    damage = [row.pop("damage") for row in rows if "damage" in row]
     text = write_tables(root, rows) + cache_note(root)
+    if damage:
+        text += f"\n{len(damage)} row(s) could not be read:\n"
+        text += "".join(f"  {line}\n" for line in dict.fromkeys(damage))
     summary = write_report(root, rows)
     if summary:
         sweep = SweepDir(root)

@@ -290,6 +290,9 @@ class FollowerRunDir(RunDir):
     def truncate_metrics(self, count: int) -> None:
         pass
 
+    def set_aside_damaged(self) -> list:
+        return []
+
     def save_checkpoint(self, state: dict) -> None:
         pass
 

@@ -130,7 +130,8 @@ class Action(TextEnum):
 
 #: the action for each state, without ``retry``
 ACTION = {State.DONE: Action.DONE, State.RUNNING: Action.INFLIGHT, State.PENDING: Action.INFLIGHT,
-          State.FAILED: Action.FAILED, State.BLOCKED: Action.BLOCKED, State.MISSING: Action.SUBMIT}
+          State.FAILED: Action.FAILED, State.BLOCKED: Action.BLOCKED, State.MISSING: Action.SUBMIT,
+          State.DAMAGED: Action.SUBMIT}
 
 
 def graph(plan) -> dict[str, dict]:
@@ -159,8 +160,11 @@ def _new_record(executor: str, previous: dict | None, **fields) -> dict:
             **fields}
 
 
-def _prepare(run: RunDir) -> dict | None:
-    """Before (re)running a stage: forget its last failure; return its previous job record."""
+def _prepare(run: RunDir, log=print) -> dict | None:
+    """Before (re)running a stage: set its damaged records aside, forget its last failure;
+    return its previous job record."""
+    for path in run.set_aside_damaged():
+        log(f"[damaged] {path.with_suffix('')} could not be read: set aside as {path.name}; the stage runs again")
     run.clear_error()
     return run.job()
 
@@ -233,7 +237,7 @@ def submit_slurm(plan, actions: dict[str, Action], states: dict[str, StageStatus
             groups.setdefault((stage.kind, profile.for_kind(stage.kind), after), []).append(key)
         for (kind, res, after), keys in groups.items():
             name = f"hpckd-{kind}-{uid}"
-            previous = {k: _prepare(plan.stages[k].run_dir(plan.root)) for k in keys}
+            previous = {k: _prepare(plan.stages[k].run_dir(plan.root), log) for k in keys}
             for k in keys:  # no job without a record: if this cannot be written, nothing is submitted
                 plan.stages[k].run_dir(plan.root).write_job(_new_record("slurm", previous[k], job_id=None, state="submitting"))
             jobs = [StageJob(plan.stages[k], plan.root.resolve(), run_cfg, threads=res.cpus_per_task) for k in keys]
@@ -363,7 +367,7 @@ def states_note(plan, key: str) -> str:
 def _start(plan, key, run_cfg, executor, profile, threads, log):
     stage = plan.stages[key]
     run = stage.run_dir(plan.root)
-    previous = _prepare(run)
+    previous = _prepare(run, log)
     log(f"[run] {key} ({stage.role}" + (f", {stage.depth} layers)" if stage.depth else ")"))
     job = StageJob(stage, plan.root.resolve(), run_cfg, threads=None if executor is None else threads)
     started = time.time()

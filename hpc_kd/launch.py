@@ -264,17 +264,14 @@ def cancel_main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=60, metavar="S",
                         help="seconds a local launcher of the sweep has to stop on SIGTERM before it is killed [60]")
     args = parser.parse_args(argv)
-    sweep = SweepDir(args.sweep_dir)
-    if not sweep.has_sweep():
-        print(f"error: {sweep.root} holds no sweep.json (launch a sweep into it first)", file=sys.stderr)
-        return 2
+    from .rundir import sweep_dir_argument
     from .status import sweep_graph
 
-    try:
-        graph = sweep_graph(sweep.root)
-    except ValueError as err:
-        print(f"error: {sweep.sweep_file} is unreadable ({err}); relaunch the sweep to rewrite it", file=sys.stderr)
+    root = sweep_dir_argument("python -m hpc_kd.launch cancel", "", [args.sweep_dir])
+    if root is None:
         return 2
+    sweep = SweepDir(root)
+    graph = sweep_graph(sweep.root)
     unknown = [k for k in args.stage or [] if k not in graph]
     if unknown:
         print(f"error: no stage {', '.join(unknown)} in {sweep.root}", file=sys.stderr)

@@ -56,6 +56,30 @@ def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
+_READABLE: dict[Path, tuple] = {}  # path -> (mtime_ns, size): last seen readable as a JSON object
+
+
+def unreadable(path: Path) -> str | None:
+    """Why a JSON record that exists cannot be read as a JSON object (None: it can, or it is
+    absent)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    if _READABLE.get(path) == (st.st_mtime_ns, st.st_size):
+        return None
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError) as err:  # UnicodeDecodeError is a ValueError
+        return f"{path} is unreadable ({type(err).__name__}: {str(err)[:80]})"
+    if not isinstance(value, dict):
+        return f"{path} is unreadable (a JSON {type(value).__name__}, not an object)"
+    _READABLE[path] = (st.st_mtime_ns, st.st_size)
+    return None
+
+
 class RunBusy(RuntimeError):
     """The run folder is owned by another live process (see :meth:`RunDir.owned`)."""
 
@@ -155,7 +179,34 @@ class RunDir:
         return self.path / "job.json"
 
     def done(self) -> bool:
-        return self.result_file.is_file()
+        """Finished: ``result.json`` is there and no record of the run is damaged."""
+        return self.result_file.is_file() and self.damage() is None
+
+    # A record that exists but does not read as a JSON object (a disk error, a hand edit, a
+    # truncated copy) is damage: the run is shown as damaged, never as done, and its next launch
+    # sets the damaged files aside (``<name>.damaged``) and runs it again.
+    def damage(self) -> str | None:
+        """Why the run's records cannot be trusted (None: they can): the first of ``result.json``
+        and ``config.json`` that exists but is not a JSON object, named."""
+        for path in (self.result_file, self.config_file):
+            problem = unreadable(path)
+            if problem:
+                return problem
+        return None
+
+    def job_damage(self) -> str | None:
+        """``job.json`` unreadable: the job it recorded cannot be followed (see :meth:`job`)."""
+        return unreadable(self.job_file)
+
+    def set_aside_damaged(self) -> list[Path]:
+        """Rename the damaged records to ``<name>.damaged`` (kept to inspect; a later one
+        replaces an earlier); return their new paths."""
+        moved = []
+        for path in (self.result_file, self.config_file, self.job_file):
+            if unreadable(path):
+                os.replace(path, path.with_name(path.name + ".damaged"))
+                moved.append(path.with_name(path.name + ".damaged"))
+        return moved
 
     def result(self) -> dict:
         return read_json(self.result_file)
@@ -304,5 +355,9 @@ def sweep_dir_argument(prog: str, description: str, argv) -> Path | None:
     root = Path(parser.parse_args(argv).sweep_dir)
     if not SweepDir(root).has_sweep():
         print(f"error: {root} holds no sweep.json (launch a sweep into it first)", file=sys.stderr)
+        return None
+    problem = unreadable(SweepDir(root).sweep_file)
+    if problem:
+        print(f"error: {problem}; relaunch the sweep to write it again", file=sys.stderr)
         return None
     return root

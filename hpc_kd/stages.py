@@ -105,6 +105,7 @@ class Stage:
         with run.owned():  # one live process per run folder, taken before anything is written
             if run.done():  # finished by another process while this one looked
                 return run.result()
+            run.set_aside_damaged()  # a record that cannot be read: run it again
             return self._run(Path(root), run, run_cfg, on_step)
 
     def _run(self, root: Path, run: RunDir, run_cfg: RunConfig, on_step) -> dict:

@@ -49,6 +49,7 @@ class State(TextEnum):
     FAILED = "failed"
     BLOCKED = "blocked"
     MISSING = "missing"
+    DAMAGED = "damaged"  # a record of it cannot be read: the next launch sets it aside and runs it again
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,8 @@ def _job_state(record: dict | None, live: dict | None) -> tuple[State, str, str 
     """(state, detail, log) of a stage's job alone: running | pending | failed | missing."""
     if not record:
         return State.MISSING, "not submitted", None
+    if record.get("damaged"):
+        return State.MISSING, f"{record['damaged']}; a relaunch submits it again", None
     log = record.get("stderr")
     if record.get("cancelled"):  # `launch cancel`: not a failure; a relaunch resumes it
         return State.MISSING, f"cancelled {record['cancelled']} (a relaunch resumes it)", None
@@ -203,7 +206,7 @@ def stage_states(root: Path, graph: dict[str, dict], live: dict | None | bool = 
     record; a dict is its answer, already known (None: it could not be asked)."""
     sweep = SweepDir(root)
     runs = {k: sweep.run(k, info) for k, info in graph.items()}
-    records = {k: run.job() for k, run in runs.items() if not run.done()}
+    records = {k: run.job() or _damaged_job(run) for k, run in runs.items() if not run.done()}
     records = {k: r for k, r in records.items() if r}
     if live is True:
         live = live_jobs(records)
@@ -213,6 +216,10 @@ def stage_states(root: Path, graph: dict[str, dict], live: dict | None | bool = 
         jid = record.get("job_id") if record else None
         if run.done():
             out[key] = StageStatus(key, State.DONE, jid)
+            continue
+        damage = run.damage()
+        if damage is not None and run.owner() is None:
+            out[key] = StageStatus(key, State.DAMAGED, jid, f"{damage}; a relaunch runs it again")
             continue
         cause = blocked_by(info.get("needs", []), out)
         if run.failed():
@@ -233,6 +240,11 @@ def stage_states(root: Path, graph: dict[str, dict], live: dict | None | bool = 
         else:
             out[key] = StageStatus(key, state, jid, detail, log if state is State.FAILED else None)
     return out
+
+
+def _damaged_job(run) -> dict | None:
+    problem = run.job_damage()
+    return {"damaged": problem} if problem else None
 
 
 def sweep_graph(root: Path) -> dict[str, dict]:
@@ -289,6 +301,8 @@ def report(root: Path, states: dict[str, StageStatus]) -> str:
                 lines.append(f"  log: {st.log}")
             lines.append(f"  folder: {SweepDir(root).run(st.key, graph[st.key]).path}")
     blocked = sum(st.state is State.BLOCKED for st in states.values())
+    if any(st.state is State.DAMAGED for st in states.values()):
+        lines.append("\nrelaunch to set the damaged records aside and run those stages again")
     if any(st.state is State.FAILED for st in states.values()):
         lines.append(f"\nrelaunch with --retry to run the failed stages{' and the ' + str(blocked) + ' they blocked' if blocked else ''} again")
     return "\n".join(lines) + "\n"

@@ -315,3 +315,47 @@ def test_cancel_kills_a_launcher_that_ignores_sigterm_and_reports_one_it_cannot_
         assert "Traceback" not in out.stderr and remote.poll() is None
     finally:
         remote.kill()
+
+
+def test_unreadable_records_are_damage_shown_named_and_rebuilt(tiny_model, tmp_path, capsys):
+    """A result.json / config.json that is not JSON is damage, not success: status shows the
+    stage as damaged naming the file, aggregate reports the row instead of failing, and the
+    relaunch sets the file aside and runs the stage again, to the same numbers. A job.json that
+    cannot be read leaves a finished stage done."""
+    cfg = tiny_config(tiny_model, tmp_path / "out", distill={"policy": "teacher"})
+    sweep = write_yaml(tmp_path / "s.yaml", cfg)
+    root = tmp_path / "out" / cfg["name"]
+    assert launch.main([str(sweep), "--executor", "debug"]) == 0
+    order = json.loads((root / "sweep.json").read_text())["order"]
+    kinds = {key.split("-")[0]: key for key in order}
+    assert set(kinds) == {"finetune", "cache", "distill"}
+    before = {k: json.loads((root / "runs" / k / "result.json").read_text()) for k in order}
+    garbage = {kinds["finetune"]: "result.json", kinds["cache"]: "config.json", kinds["distill"]: "result.json"}
+    for key, name in garbage.items():
+        (root / "runs" / key / name).write_text("this is not JSON {")
+    (root / "runs" / kinds["distill"] / "job.json").write_text("[1, 2")
+    capsys.readouterr()
+    assert launch.main(["status", str(root)]) == 0
+    shown = capsys.readouterr().out
+    for key, name in garbage.items():
+        line = next(x for x in shown.splitlines() if x.strip().startswith(key))
+        assert "damaged" in line and f"{key}/{name} is unreadable" in line, shown
+    assert "relaunch to set the damaged records aside" in shown
+    from hpc_kd.aggregate import aggregate, collect
+
+    text = aggregate(root)
+    assert "2 row(s) could not be read" in text, text  # the teacher's and the student's (a cache has no row)
+    assert f"{kinds['distill']}/result.json is unreadable" in text
+    assert {r["run"]: r["state"] for r in collect(root)}[kinds["distill"]] == "damaged"
+    capsys.readouterr()
+    assert launch.main([str(sweep), "--executor", "debug"]) == 0
+    err = capsys.readouterr().err
+    for key, name in garbage.items():
+        assert (root / "runs" / key / f"{name}.damaged").read_text() == "this is not JSON {"
+        assert f"{key}/{name} could not be read: set aside as {name}.damaged" in err, err
+    assert all(status.sweep_states(root, live=None)[k].state is status.State.DONE for k in order)
+    for key in order:
+        assert strip_times(json.loads((root / "runs" / key / "result.json").read_text())) == strip_times(before[key])
+    # a finished stage whose job record is unreadable stays done
+    (root / "runs" / kinds["finetune"] / "job.json").write_text("{")
+    assert status.sweep_states(root, live=None)[kinds["finetune"]].state is status.State.DONE
