@@ -332,7 +332,12 @@ def run_here(plan, actions: dict[str, Action], run_cfg: RunConfig, *, folder: Pa
                     # alone (the teacher, its cache, the tutor) gets all of them
                     ready = sum(all(outcome.get(r.stage) is Action.DONE for r in plan.stages[k].inputs()) for k in waiting)
                     threads = max(1, cpus // min(jobs, len(running) + 1 + ready))
-                    running[key] = _start(plan, key, run_cfg, executor, profile, threads, log)
+                    try:
+                        running[key] = _start(plan, key, run_cfg, executor, profile, threads, log)
+                    except OSError as err:  # its folder cannot be written (checked at launch; changed since)
+                        outcome[key] = Action.FAILED
+                        log(f"[failed] {key}: cannot write {err.filename or plan.stages[key].run_dir(plan.root).path} "
+                            f"({err.strerror or err}); it did not start")
             for key, (job, started) in list(running.items()):
                 if job is None or job.done():
                     del running[key]

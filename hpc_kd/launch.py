@@ -140,6 +140,11 @@ def main(argv=None) -> int:
     try:
         with launch_lock(sweep):
             states, actions = _look(plan, args.retry)
+            starting = [plan.stages[k].run_dir(plan.root).path for k, a in actions.items() if a is Action.SUBMIT]
+            problem = unwritable(sweep, starting)
+            if problem:
+                print(f"error: {problem}: nothing was started", file=sys.stderr)
+                return 2
             folder = sweep.submitit / executors.launch_id()
             if args.executor == "slurm":
                 submitted = _submit(plan, actions, states, profile, folder)
@@ -174,14 +179,14 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
-def unwritable(sweep: SweepDir) -> str | None:
-    """Why the sweep's folders cannot take its records (None when they can): the launcher writes
-    the sweep, its lock, each job's record and the jobs' logs there before anything starts. A
-    real write is tried, since permission bits do not tell (root ignores them, a read-only mount
-    does not show in them)."""
+def unwritable(sweep: SweepDir, runs=()) -> str | None:
+    """Why the sweep's folders, or the run folders ``runs`` (of the stages about to start),
+    cannot take their records (None when they can): the launcher writes the sweep, its lock,
+    each job's record and the jobs' logs there before anything starts. A real write is tried,
+    since permission bits do not tell (root ignores them, a read-only mount does not show in them)."""
     import tempfile
 
-    for folder in (sweep.root, sweep.runs):
+    for folder in (sweep.root, sweep.runs, *runs):
         probe = folder
         while not probe.exists():
             probe = probe.parent
@@ -190,8 +195,6 @@ def unwritable(sweep: SweepDir) -> str | None:
                 pass
         except OSError as err:
             return f"{probe} is not writable ({err.strerror or type(err).__name__})"
-        if probe != folder:  # the rest of the path does not exist yet: creatable, since its parent is writable
-            break
     return None
 
 

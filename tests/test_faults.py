@@ -146,20 +146,29 @@ def _read_only(folder: Path, cmd: list[str]) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
 
 
-@pytest.mark.parametrize("which", ["sweep", "runs"])
+@pytest.mark.parametrize("which", ["sweep", "runs", "one run"])
 def test_a_read_only_results_folder_is_refused_before_anything_starts(tiny_model, tmp_path, which):
     cfg = tiny_config(tiny_model, tmp_path / "out")
     sweep = write_yaml(tmp_path / "s.yaml", cfg)
     root = tmp_path / "out" / cfg["name"]
     (root / "runs").mkdir(parents=True)
-    folder = root if which == "sweep" else root / "runs"
+    folder = {"sweep": root, "runs": root / "runs"}.get(which)
+    if which == "one run":  # a stage's folder left read-only (by a copy, a mount, another user)
+        folder = root / "runs" / next(iter(launch.load_plan(str(sweep), []).stages))
+        folder.mkdir()
     cmd = _read_only(folder, [sys.executable, "-m", "hpc_kd.launch", str(sweep), "--executor", "local"])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     folder.chmod(0o755)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert proc.stderr.strip() == f"error: {folder} is not writable (Read-only file system): nothing was started" \
-        or proc.stderr.strip() == f"error: {folder} is not writable (Permission denied): nothing was started"
-    assert list((root / "runs").iterdir()) == [] and not (root / "sweep.json").exists()
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"error: {folder} is not writable (Read-only file system): nothing was started" \
+        or last == f"error: {folder} is not writable (Permission denied): nothing was started", proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [p.name for p in (root / "runs").iterdir()] == ([folder.name] if which == "one run" else [])
+    if which == "one run":
+        assert list(folder.iterdir()) == []  # nothing was written in it
+    else:
+        assert not (root / "sweep.json").exists()
 
 
 def test_a_resumed_run_keeps_its_thread_count(tiny_model, tmp_path):
