@@ -149,6 +149,27 @@ def _labels(values, cfg: DataConfig, where: str) -> np.ndarray:
     return out
 
 
+def _ids(values: list, column: str, where: str) -> np.ndarray:
+    """An ``id`` / ``idx`` column's values as int64, checked row by row: whole numbers (a CSV's
+    text digits too), within int64."""
+    import math
+
+    out = np.empty(len(values), dtype=np.int64)
+    for i, value in enumerate(values):
+        number = None
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            number = int(value)
+        elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+            number = int(value)
+        elif isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+            number = int(value)
+        if number is None or not -2**63 <= number < 2**63:
+            raise ConfigError(f"data ({column!r} column)", f"{_row(where, i)}: example id {value!r} is not an integer "
+                                                          f"(the {column!r} column names each example by a whole number)")
+        out[i] = number
+    return out
+
+
 def _from_frame(frame, cfg: DataConfig, where: str) -> Split:
     label_column = None if cfg.lm else cfg.label_column  # a language model's corpus has no labels
     for key, column in (("text_column", cfg.text_column), ("text_pair_column", cfg.text_pair_column),
@@ -158,7 +179,7 @@ def _from_frame(frame, cfg: DataConfig, where: str) -> Split:
     if len(frame) == 0:
         raise ConfigError("data", f"{where} has no rows")
     id_column = next((c for c in ("idx", "id") if c in frame.columns), None)
-    ids = frame[id_column].to_numpy(dtype=np.int64) if id_column else np.arange(len(frame), dtype=np.int64)
+    ids = _ids(frame[id_column].tolist(), id_column, where) if id_column else np.arange(len(frame), dtype=np.int64)
     if len(np.unique(ids)) != len(ids):
         raise ConfigError("data", f"example ids in {where} are not unique")
     columns = {"text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column}

@@ -119,6 +119,9 @@ def local(tmp_path, train: str | bytes, **kw) -> DataConfig:
     ("text,label\n", {}, "train.csv has no rows"),
     (b"text,label\ngood,1\nb\xe9d,0\n", {}, "train.csv, line 3: not valid UTF-8 (byte 0xe9"),
     ("text,label\ngood,1\nbad,1\n", {}, "every one of its 2 rows has label 1: a classifier cannot learn from one class"),
+    ("id,text,label\n1,good,1\nseven,bad,0\n", {}, "train.csv, row 2 (line 3): example id 'seven' is not an integer"),
+    ("idx,text,label\n1,good,1\n2.5,bad,0\n", {}, "train.csv, row 2 (line 3): example id '2.5' is not an integer"),
+    ("id,text,label\n1,good,1\n1,bad,0\n", {}, "example ids in"),
 ])
 def test_bad_local_data_is_refused_with_file_row_and_column(tmp_path, content, kw, needle):
     from hpc_kd.data import check_data
