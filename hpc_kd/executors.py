@@ -392,16 +392,40 @@ def _start(plan, key, run_cfg, executor, profile, threads, log):
     return submitted, started
 
 
+#: how long a local job's worker may outlive its ended controller before its lock is taken for
+#: another process's
+OWNER_GRACE_S = 10
+
+
+def _worker_of(pid: int | None, controller: str) -> bool:
+    """Is process ``pid`` (of this machine) a worker of the local job whose controller is
+    ``controller``? Its environment says (submitit sets ``SUBMITIT_LOCAL_JOB_ID``)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except (OSError, TypeError):
+        return False
+    return f"SUBMITIT_LOCAL_JOB_ID={controller}".encode() in environ
+
+
 def _finish(plan, key, job, started, log) -> Action:
     run = plan.stages[key].run_dir(plan.root)
     seconds = time.time() - started
     if run.done():
         log(f"[done] {key} in {seconds:.0f}s")
+        for ref in plan.stages[key].inputs():  # a damaged input cache it rebuilt (said in its job's log too)
+            source = plan.stages[ref.stage].run_dir(plan.root)
+            rebuilt = source.result().get("rebuilt") if source.done() else None
+            if rebuilt and rebuilt.get("at", 0) >= started:
+                log(f"[rebuilt] {ref.stage}: {first_line(rebuilt.get('why', ''))}; rebuilt by {key}")
         return Action.DONE
     if (run.job() or {}).get("cancelled"):
         log(f"[cancelled] {key}: stopped by launch cancel; a relaunch resumes it")
         return Action.BLOCKED
     owner = run.owner()
+    deadline = time.monotonic() + OWNER_GRACE_S
+    while owner is not None and job is not None and _worker_of(local_pid(owner), job.job_id) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the job's own worker, dying with its controller, holds the lock a moment longer
+        owner = run.owner()
     if owner is not None:  # another live process owns the folder (its job goes on): not a failure
         log(f"[busy] {key}: owned by {owner}, which is still running it; this launch leaves it alone")
         return Action.INFLIGHT

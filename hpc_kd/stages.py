@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,9 +261,12 @@ class CacheLogits(Stage):
         ids = dataset.encoded[self.split].ids
         if self.sparse is not None:
             from .cache import SparseLogitCache
+            from .rundir import read_json
+
+            vocab = read_json(self.model.path(root) / "config.json").get("vocab_size")  # what the ids index
 
             def open_cache():
-                return SparseLogitCache.open(self.folder(root), expected, ids, self.sparse)
+                return SparseLogitCache.open(self.folder(root), expected, ids, self.sparse, vocab)
         else:
             def open_cache():
                 return LogitCache.open(self.folder(root), expected, ids)
@@ -291,7 +295,9 @@ class CacheLogits(Stage):
                     run.discard_result()
                     shutil.rmtree(self.folder(root), ignore_errors=True)
                 distributed.barrier()
-                self._run(root, run, run_cfg, None)
+                result = self._run(root, run, run_cfg, None)
+                # said in the result, so the launcher can say it on its console (executors._finish)
+                run.finish({**result, "rebuilt": {"why": error, "at": time.time()}})
         return open_cache()
 
 

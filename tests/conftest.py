@@ -54,9 +54,19 @@ def require_slurm() -> None:
     (``HPC_KD_REQUIRE_SLURM=1``, set by .ci/run) fail instead, so a lost cluster can't pass."""
     import shutil
 
-    if shutil.which("sinfo") is not None:
-        return
-    message = "SLURM is not installed here (no sinfo on PATH); bring it up with: bash slurm/up.sh"
+    import subprocess
+
+    if shutil.which("sinfo") is None:
+        message = "SLURM is not installed here (no sinfo on PATH); bring it up with: bash slurm/up.sh"
+    else:
+        try:
+            out = subprocess.run(["sinfo", "-h", "-o", "%a"], capture_output=True, text=True, timeout=30)
+            answer = out.stderr.strip() if out.returncode else None
+        except subprocess.TimeoutExpired:
+            answer = "sinfo got no answer in 30 s"
+        if answer is None:
+            return
+        message = f"SLURM is installed but its controller does not answer ({answer}); start it with: bash slurm/up.sh"
     if os.environ.get("HPC_KD_REQUIRE_SLURM") == "1":
         pytest.fail(message)
     pytest.skip(message)

@@ -368,3 +368,75 @@ def test_unreadable_records_are_damage_shown_named_and_rebuilt(tiny_model, tmp_p
     # a finished stage whose job record is unreadable stays done
     (root / "runs" / kinds["finetune"] / "job.json").write_text("{")
     assert status.sweep_states(root, live=None)[kinds["finetune"]].state is status.State.DONE
+
+
+def test_a_cache_rebuilt_by_a_student_is_said_on_the_launchers_console(tiny_model, tmp_path, capsys):
+    cfg = tiny_config(tiny_model, tmp_path / "out", distill={"policy": "teacher"})
+    sweep = write_yaml(tmp_path / "s.yaml", cfg)
+    root = tmp_path / "out" / cfg["name"]
+    assert launch.main([str(sweep), "--executor", "debug"]) == 0
+    kinds = {key.split("-")[0]: key for key in json.loads((root / "sweep.json").read_text())["order"]}
+    shutil.rmtree(root / "runs" / kinds["distill"])  # the student runs again, and reads the cache
+    manifest = root / "runs" / kinds["cache"] / "logits" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    capsys.readouterr()
+    assert launch.main([str(sweep), "--executor", "debug"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(rf"\[rebuilt\] {kinds['cache']}: .*manifest.*; rebuilt by {kinds['distill']}", err), err
+    assert launch.main([str(sweep), "--executor", "debug"]) == 0
+    assert "[rebuilt]" not in capsys.readouterr().err  # said once, when it happened
+
+
+def _own(run_path: Path, env: dict, hold_s: float) -> subprocess.Popen:
+    """A process that owns a run folder (as a stage's worker does) for ``hold_s`` seconds."""
+    code = ("import sys, time\nfrom hpc_kd.rundir import RunDir\n"
+            f"with RunDir({str(run_path)!r}).owned():\n    print('owned', flush=True); time.sleep({hold_s})\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "owned"
+    return proc
+
+
+def test_a_dying_worker_of_the_ended_job_is_not_taken_for_a_live_owner(tiny_model, tmp_path):
+    """The launcher sees a local job end (its controller killed) while the job's worker, dying
+    with it, still holds the run folder's lock: that is a failed run, not one "owned by pid N,
+    which is still running it". A live owner from another job is still left alone."""
+    from types import SimpleNamespace
+
+    from hpc_kd import executors
+
+    plan = make_plan(tiny_model, tmp_path)
+    key = next(iter(plan.stages))
+    path = plan.stages[key].run_dir(plan.root).path
+    job = SimpleNamespace(job_id="424242", stderr=lambda: "", paths=SimpleNamespace(stderr=tmp_path / "log"))
+    said = []
+    worker = _own(path, {"SUBMITIT_LOCAL_JOB_ID": "424242"}, hold_s=1.0)  # exits a second later
+    try:
+        assert executors._finish(plan, key, job, time.time(), said.append) is executors.Action.FAILED
+        assert said[-1].startswith(f"[failed] {key}: the job ended without a result"), said
+    finally:
+        worker.kill()
+    (path / "error.json").unlink()
+    other = _own(path, {"SUBMITIT_LOCAL_JOB_ID": "777"}, hold_s=60)  # another job's worker, alive
+    try:
+        assert executors._finish(plan, key, job, time.time(), said.append) is executors.Action.INFLIGHT
+        assert said[-1].startswith(f"[busy] {key}: owned by pid {other.pid} "), said
+    finally:
+        other.kill()
+
+
+def test_slurm_tests_skip_when_slurm_is_installed_but_its_controller_does_not_answer(tmp_path, monkeypatch):
+    from .conftest import require_slurm
+
+    fake = tmp_path / "bin" / "sinfo"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'sinfo: error: Unable to contact slurm controller (connect failure)' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("HPC_KD_REQUIRE_SLURM", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="its controller does not answer .*Unable to contact slurm controller"):
+        require_slurm()
+    monkeypatch.setenv("HPC_KD_REQUIRE_SLURM", "1")  # CI: a lost cluster fails
+    with pytest.raises(pytest.fail.Exception, match="its controller does not answer"):
+        require_slurm()
+    fake.write_text("#!/bin/sh\necho up\n")
+    require_slurm()  # it answers: the test runs
