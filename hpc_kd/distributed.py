@@ -17,15 +17,13 @@ below Linux's ephemeral range (32768+), where outgoing connections take theirs. 
 ``MASTER_PORT`` wins.
 
 :func:`run_plan` runs a plan's stages in order on every rank; ``python -m hpc_kd.launch run
-SWEEP.yaml [key=value ...] [--stage KEY ...]`` is its command line (``python -m
-hpc_kd.distributed``, the old name of that command, still works but is deprecated).
+SWEEP.yaml [key=value ...] [--stage KEY ...]`` (or ``hpc-kd run``) is its command line.
 """
 from __future__ import annotations
 
 import datetime
 import os
 import re
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Mapping
@@ -342,8 +340,3 @@ def run_plan(plan, keys=None, on_step=None, log=print) -> dict:
             log(f"[run] {key} ({stage.role}) on {current().size} rank(s)")
         results[key] = stage(plan.root, plan.run, on_step=on_step)
     return results
-
-
-if __name__ == "__main__":  # deprecated: python -m hpc_kd.launch run
-    from hpc_kd.launch import run_main
-    sys.exit(run_main(prog="python -m hpc_kd.distributed"))
