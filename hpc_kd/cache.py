@@ -79,8 +79,8 @@ def _shard_ok(path: Path, ids: np.ndarray, fingerprint: str) -> bool:
     renamed into place, so never half-written."""
     try:
         meta = pq.read_schema(path).metadata or {}
-        if meta.get(b"producer") != fingerprint.encode():
-            return False
+        if meta.get(b"producer") != fingerprint.encode() or "position" in pq.read_schema(path).names:
+            return False  # another producer, or a sparse shard of the layout before issue 19
         got = _read_shard(path).column("example_id").to_numpy()
         return np.array_equal(np.unique(got), np.unique(ids))
     except Exception:
@@ -115,11 +115,11 @@ def write_rank(folder: Path, model, encoded, prod: dict, num_labels: int, *, row
 
 
 def _write_shards(folder: Path, encoded, prod: dict, table, *, rows_per_shard: int, rank: int, world_size: int,
-                  progress: bool, unit: str) -> list[dict]:
+                  progress: bool, unit: str, parquet: dict | None = None) -> list[dict]:
     """Rank ``rank``'s slice of the examples (sorted by id), ``rows_per_shard`` examples a shard;
     the ``index``-th shard is the Parquet file of ``table(rows, index)`` stamped with the producer
-    and renamed into place, or kept when an earlier attempt left a valid one; then the rank's
-    listing."""
+    (written with ``parquet``'s options) and renamed into place, or kept when an earlier attempt
+    left a valid one; then the rank's listing."""
     from tqdm.auto import tqdm
 
     from .rundir import write_atomic
@@ -137,7 +137,7 @@ def _write_shards(folder: Path, encoded, prod: dict, table, *, rows_per_shard: i
         ids = encoded.ids[rows]
         if not _shard_ok(path, ids, fingerprint):
             tmp = path.with_name("." + path.name + ".tmp")
-            pq.write_table(table(rows, index).replace_schema_metadata({"producer": fingerprint}), tmp)
+            pq.write_table(table(rows, index).replace_schema_metadata({"producer": fingerprint}), tmp, **(parquet or {}))
             tmp.replace(path)
         infos.append({"file": path.name, "rank": rank, "rows": int(pq.read_metadata(path).num_rows),
                       "sha256": file_sha256(path), "min_id": int(ids[0]), "max_id": int(ids[-1])})
@@ -270,13 +270,110 @@ class LogitCache:
 
 # -- sparse caches: a language model's top-k (or sampled) targets per token ---------------------
 #
-#   part-r000-00000.parquet   example_id: int64, position: int32, ids: fixed_size_list<int32>[k],
-#                             log_probs: fixed_size_list<float32 | float16>[k], tail: float32
+#   part-r000-00000.parquet   example_id: int64 (dictionary-encoded: a run per sequence),
+#                             ids: fixed_size_binary[k x w], log_probs: fixed_size_binary[k x b],
+#                             tail: float32 (log8: uint8); zstd
 #
 # One row per predicted token (position t of a sequence predicts token t + 1), sorted by
-# (example_id, position); a sequence never spans two shards. The manifest adds ``sparse`` (kind,
-# k, precision, tau: the targets are tempered when written) and counts rows as tokens. The same
-# producer fingerprint, per-rank shards, checksums and validation as the dense caches.
+# (example_id, position), so a row's position is its rank within its sequence; a sequence never
+# spans two shards. Within a row the k entries are sorted by token id and the ids stored as
+# differences from the previous one (the first from 0) in w = 2 bytes (a vocabulary up to 65,536)
+# or 4, all low bytes first, then the high ones: small differences with constant high bytes, which
+# zstd packs to about 9 bits an id. The log-probabilities follow in the same order, b bytes each
+# (float32 4, float16 2, log8 1: hpc_kd.sparse.encoded). The manifest adds ``sparse`` (kind, k,
+# precision, tau: the targets are tempered when written) and counts rows as tokens. The same
+# producer fingerprint, per-rank shards, checksums and validation as the dense caches, and every
+# value is checked when read (ids inside the vocabulary, log-probabilities and tail ≤ 0): a value
+# out of range is a damaged cache. Shards of the layout before issue 19 (a ``position`` column,
+# int32 ids, float log-probabilities in top-k order, Snappy) are still read.
+
+SPARSE_PARQUET = {"compression": "zstd", "compression_level": 9, "use_dictionary": ["example_id"]}
+
+
+def _id_width(vocab: int) -> int:
+    return 2 if vocab <= 1 << 16 else 4
+
+
+def _binary(rows: np.ndarray) -> pa.Array:
+    """A [n, bytes] uint8 array as a fixed_size_binary column."""
+    rows = np.ascontiguousarray(rows, dtype=np.uint8)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(rows.shape[1]), len(rows), [None, pa.py_buffer(rows.tobytes())])
+
+
+def _unbinary(column: pa.ChunkedArray, n: int) -> np.ndarray:
+    """A fixed_size_binary column as a [n, bytes] uint8 array (no copy)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = arr.type.byte_width
+    return np.frombuffer(arr.buffers()[1], dtype=np.uint8)[arr.offset * width:(arr.offset + n) * width].reshape(n, width)
+
+
+def encode_ids(ids: np.ndarray, vocab: int) -> np.ndarray:
+    """Sorted ids [n, k] as their byte planes of differences: [n, k x w] uint8."""
+    width = _id_width(vocab)
+    deltas = np.diff(ids.astype(np.int64), axis=1, prepend=0).astype(np.uint16 if width == 2 else np.uint32)
+    return np.concatenate([((deltas >> (8 * b)) & 0xFF).astype(np.uint8) for b in range(width)], axis=1)
+
+
+def decode_ids(planes: np.ndarray, k: int) -> np.ndarray:
+    """:func:`encode_ids` undone: [n, k] int64 ids."""
+    width = planes.shape[1] // k
+    deltas = np.zeros((len(planes), k), dtype=np.int64)
+    for b in range(width):
+        deltas |= planes[:, b * k:(b + 1) * k].astype(np.int64) << (8 * b)
+    return np.cumsum(deltas, axis=1)
+
+
+def sparse_table(example_ids: np.ndarray, targets, precision: str, vocab: int) -> pa.Table:
+    """One token per row (``example_ids`` [n], ``targets`` flat [n, k]) in the layout above."""
+    from .sparse import encoded
+
+    order = targets.ids.argsort(dim=-1, stable=True)
+    ids = targets.ids.gather(-1, order).numpy()
+    values, tail = encoded(type(targets)(targets.ids, targets.log_probs.gather(-1, order), targets.tail), precision)
+    values = values.numpy()
+    return pa.Table.from_arrays([
+        pa.array(example_ids, type=pa.int64()), _binary(encode_ids(ids, vocab)),
+        _binary(values.view(np.uint8).reshape(len(values), -1)), pa.array(tail.numpy())],
+        names=["example_id", "ids", "log_probs", "tail"])
+
+
+def sparse_columns(table: pa.Table, sparse: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sparse cache's rows as float32 targets: ids [n, k] int64, log_probs [n, k], tail [n]
+    (:func:`hpc_kd.sparse.decoded`: log8 codes become renormalised log-probabilities). Raises
+    ValueError for a table of another shape."""
+    from .sparse import decoded
+
+    k, n, precision = sparse["k"], table.num_rows, sparse["precision"]
+    if "position" in table.column_names:  # the layout before issue 19
+        ids = table.column("ids").combine_chunks().values.to_numpy().astype(np.int64).reshape(-1, k)
+        values = torch.from_numpy(table.column("log_probs").combine_chunks().values.to_numpy().astype(np.float32).reshape(-1, k))
+        tail = torch.from_numpy(table.column("tail").to_numpy().astype(np.float32))
+        return torch.from_numpy(ids), values, tail
+    ids = decode_ids(_unbinary(table.column("ids"), n), k)
+    raw = _unbinary(table.column("log_probs"), n)
+    dtype = {"float32": np.float32, "float16": np.float16, "log8": np.uint8}[precision]
+    if raw.shape[1] != k * np.dtype(dtype).itemsize:
+        raise ValueError(f"log_probs hold {raw.shape[1]} bytes a token, not {k} {precision} values")
+    values = torch.from_numpy(raw.view(dtype).copy())
+    tail = torch.from_numpy(table.column("tail").to_numpy().copy())
+    return (torch.from_numpy(ids), *decoded(values, tail, precision))
+
+
+def _check_values(folder: Path, ids: torch.Tensor, log_probs: torch.Tensor, tail: torch.Tensor, vocab: int) -> None:
+    """Every stored value in range, or the cache is damaged: a checksum only says that the file is
+    the one written, not that what was written (or put there since, with its checksum) is sane."""
+    bad_ids = (ids < 0) | (ids >= vocab)
+    if bad_ids.any():
+        row, col = (int(i) for i in bad_ids.nonzero()[0])
+        raise CacheError(f"{folder}: token id {int(ids[row, col])} (row {row}) is outside the vocabulary [0, {vocab})")
+    bad = torch.isnan(log_probs) | (log_probs > 0)
+    if bad.any():
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise CacheError(f"{folder}: log-probability {float(log_probs[row, col])} (row {row}) is not a log-probability (≤ 0)")
+    bad = torch.isnan(tail) | (tail > 0)
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise CacheError(f"{folder}: tail {float(tail[row])} (row {row}) is not the log of a mass in [0, 1]")
 
 
 def sparse_rows(model, encoded, rows: np.ndarray, sparse: dict, device, batch_size: int, seed: int,
@@ -285,13 +382,14 @@ def sparse_rows(model, encoded, rows: np.ndarray, sparse: dict, device, batch_si
     ``support`` (another model's :class:`SparseLogitCache`), this model's distribution on that
     cache's tokens and tail instead of its own top k (a frozen tutor on its teacher's support)."""
     from .data import eval_batches
-    from .sparse import project, sampled, top_k
+    from .sparse import SparseTargets, project, sampled, top_k
     from .sources import forward
 
     gen = torch.Generator().manual_seed(seed)
     per_seq = {}
     lengths = np.array([len(encoded.tokens[r]) for r in rows])
     predicted = np.maximum(lengths - 1, 0)  # position t predicts token t + 1
+    vocab = model.get_output_embeddings().out_features
     for local in eval_batches(lengths, batch_size):
         batch = {k: v.to(device) for k, v in encoded.collate(rows[local]).items()}
         z = forward(model, batch).float()[:, :-1].cpu()
@@ -304,17 +402,8 @@ def sparse_rows(model, encoded, rows: np.ndarray, sparse: dict, device, batch_si
         for j, i in enumerate(local):
             n = predicted[i]
             per_seq[i] = (t.ids[j, :n], t.log_probs[j, :n], t.tail[j, :n])
-    k = sparse["k"]
-    value = np.float16 if sparse["precision"] == "float16" else np.float32
-    ids, logp, tail = (np.concatenate([per_seq[i][c].numpy() for i in range(len(rows))]) for c in range(3))
-    ids, logp, tail = ids.astype(np.int32).reshape(-1, k), logp.reshape(-1, k).astype(value), tail.astype(np.float32)
-    example = np.repeat(encoded.ids[rows], predicted)
-    position = np.concatenate([np.arange(n, dtype=np.int32) for n in predicted])
-    return pa.Table.from_arrays([
-        pa.array(example, type=pa.int64()), pa.array(position, type=pa.int32()),
-        pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), type=pa.int32()), k),
-        pa.FixedSizeListArray.from_arrays(pa.array(logp.reshape(-1)), k), pa.array(tail, type=pa.float32())],
-        names=["example_id", "position", "ids", "log_probs", "tail"])
+    flat = SparseTargets(*(torch.cat([per_seq[i][c] for i in range(len(rows))]) for c in range(3)))
+    return sparse_table(np.repeat(encoded.ids[rows], predicted), flat, sparse["precision"], vocab)
 
 
 @torch.no_grad()
@@ -328,7 +417,7 @@ def write_sparse_rank(folder: Path, model, encoded, prod: dict, sparse: dict, *,
         return sparse_rows(model, encoded, rows, sparse, device, batch_size, seed=rank * 100003 + index, support=support)
 
     return _write_shards(folder, encoded, prod, table, rows_per_shard=rows_per_shard, rank=rank, world_size=world_size,
-                         progress=progress, unit="seq")
+                         progress=progress, unit="seq", parquet=SPARSE_PARQUET)
 
 
 class SparseLogitCache:
@@ -337,28 +426,33 @@ class SparseLogitCache:
 
     def __init__(self, starts: dict, table: dict, manifest: dict):
         self.starts, self.table, self.manifest = starts, table, manifest
+        self.precision = manifest["sparse"]["precision"]
 
     @classmethod
-    def open(cls, folder: Path, expected: dict, ids: np.ndarray, sparse: dict) -> "SparseLogitCache":
+    def open(cls, folder: Path, expected: dict, ids: np.ndarray, sparse: dict, vocab: int | None = None) -> "SparseLogitCache":
+        """Read and check a cache (:func:`_checked_table`, then every value: ids in
+        [0, ``vocab``), the vocabulary the caller trains with, default the manifest's)."""
         folder = Path(folder)
         manifest, table = _checked_table(folder, expected, sparse)
         example = table.column("example_id").to_numpy()
-        position = table.column("position").to_numpy()
         if np.any(np.diff(example) < 0):
             raise CacheError(f"{folder}: rows are not sorted by example id")
         uniq, start, count = np.unique(example, return_index=True, return_counts=True)
-        expected_pos = np.arange(len(example)) - np.repeat(start, count)
-        if not np.array_equal(position, expected_pos):
-            raise CacheError(f"{folder}: positions are not 0, 1, ... within each sequence")
+        if "position" in table.column_names:  # the layout before issue 19 stores them
+            expected_pos = np.arange(len(example)) - np.repeat(start, count)
+            if not np.array_equal(table.column("position").to_numpy(), expected_pos):
+                raise CacheError(f"{folder}: positions are not 0, 1, ... within each sequence")
         missing = ~np.isin(ids, uniq)
         if missing.any():
             raise CacheError(f"{folder}: {int(missing.sum())} of {len(ids)} training sequences have no cached targets")
-        k = sparse["k"]
-        cols = {
-            "ids": torch.from_numpy(table.column("ids").chunk(0).values.to_numpy().astype(np.int64).reshape(-1, k)),
-            "log_probs": torch.from_numpy(table.column("log_probs").chunk(0).values.to_numpy().astype(np.float32).reshape(-1, k)),
-            "tail": torch.from_numpy(table.column("tail").to_numpy().astype(np.float32)),
-        }
+        if vocab is not None and vocab != manifest["num_labels"]:
+            raise CacheError(f"{folder}: written for a vocabulary of {manifest['num_labels']}, training uses {vocab}")
+        try:
+            tok, logp, tail = sparse_columns(table, sparse)
+        except (ValueError, KeyError, TypeError, pa.ArrowException) as err:
+            raise CacheError(f"{folder}: shards do not hold {sparse} targets ({type(err).__name__}: {err})") from None
+        _check_values(folder, tok, logp, tail, int(manifest["num_labels"]))
+        cols = {"ids": tok, "log_probs": logp, "tail": tail}
         return cls({int(i): (int(s), int(c)) for i, s, c in zip(uniq, start, count)}, cols, manifest)
 
     def targets(self, example_ids: torch.Tensor, width: int):
@@ -377,4 +471,4 @@ class SparseLogitCache:
             ids[row, :n] = self.table["ids"][start:start + n]
             logp[row, :n] = self.table["log_probs"][start:start + n]
             tail[row, :n] = self.table["tail"][start:start + n]
-        return SparseTargets(ids, logp, tail)
+        return SparseTargets(ids, logp, tail, self.precision)

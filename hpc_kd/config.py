@@ -353,12 +353,14 @@ class DistillConfig:
     #: policy they name, and only then part of a signature.)
     normalized_momentum: float = 0.9
     #: causal_lm caches: top_k (the teacher's k most likely tokens and the mass of the rest) or
-    #: sampled (k draws from its distribution, as frequencies: unbiased); see hpc_kd/sparse.py.
+    #: sampled (k draws from its distribution, as frequencies: an unbiased forward-KL gradient,
+    #: not an unbiased value nor other losses' gradients); see hpc_kd/sparse.py.
     sparse_targets: Literal["top_k", "sampled"] = "top_k"
     #: causal_lm caches: entries per token (k, or the number of draws).
     sparse_k: int = 64
-    #: causal_lm caches: the precision the log-probabilities are stored in.
-    sparse_precision: Literal["float32", "float16"] = "float32"
+    #: causal_lm caches: how the log-probabilities are stored: log8 (one byte each, on a log
+    #: scale, renormalised when read; ~120 bytes a token at k = 64), float16 or float32.
+    sparse_precision: Literal["log8", "float16", "float32"] = "log8"
     #: random: probability that the control picks the teacher for a batch.
     random_teacher_prob: float = 0.5
     #: anneal: how the teacher's weight rises from 0 to 1 over the run.
@@ -380,15 +382,27 @@ class DistillConfig:
         if not 0 <= self.skew_lambda < 1:
             raise ConfigError("skew_lambda", f"must be in [0, 1), got {self.skew_lambda}")
         if not 0 <= self.normalized_momentum < 1:
+    def _infinite_against_draws(self) -> tuple[str, str] | None:
+        """The key and setting of a divergence that reverse KL makes infinite on sampled targets
+        (the student's mass off the draws over the teacher's zero there), or None."""
+        if self.loss == "reverse_kl":
+            return "loss", "loss reverse_kl"
+        if self.loss == "jsd" and self.jsd_beta >= 1:
+            return "jsd_beta", f"loss jsd with jsd_beta {self.jsd_beta} (reverse KL)"
+        if self.loss == "skew_reverse_kl" and self.skew_lambda <= 0:
+            return "skew_lambda", f"loss skew_reverse_kl with skew_lambda {self.skew_lambda} (reverse KL)"
+        return None
+
             raise ConfigError("normalized_momentum", f"must be in [0, 1), got {self.normalized_momentum}")
         if not 0 <= self.random_teacher_prob <= 1:
             raise ConfigError("random_teacher_prob", f"must be in [0, 1], got {self.random_teacher_prob}")
         if self.ensemble_weight is not None and not 0 <= self.ensemble_weight <= 1:
             raise ConfigError("ensemble_weight", f"must be in [0, 1] or null, got {self.ensemble_weight}")
         _at_least(self, "sparse_k", 1)
-        if self.sparse_targets == "sampled" and self.loss == "reverse_kl":
-            raise ConfigError("loss", "reverse_kl is infinite against sampled targets (no mass outside the draws); "
-                                      "use top_k targets or skew_reverse_kl")
+        if self.sparse_targets == "sampled" and (infinite := self._infinite_against_draws()):
+            raise ConfigError(infinite[0], f"{infinite[1]} is infinite against sampled targets (sparse_targets: "
+                                           "sampled puts no mass outside the draws, and it divides by the teacher's "
+                                           "mass); use top_k targets, or a loss that mixes in the student's mass")
         if self.bandit_c < 0:
             raise ConfigError("bandit_c", f"must be >= 0, got {self.bandit_c}")
         _at_least(self, "bandit_probe", 1)

