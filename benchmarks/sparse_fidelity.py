@@ -1,9 +1,10 @@
 """Benchmark: how faithful sparse teacher targets are to the dense ones, on the embedded SmolLM2
 teacher and real review text, to choose a language model's cache default (issue 11).
 
-    python benchmarks/sparse_fidelity.py [--tokens 2048] [--ks 8 32 64 128] [--student-layers 15]
+    python benchmarks/sparse_fidelity.py [--tokens 2048] [--ks 8 32 64 128] [--student-layers 15] [--precisions float16 log8]
 
-For each stored size k it measures, side by side over the same tokens:
+For each stored size k (and each cache precision, ``--precisions``: the top-k targets as a
+float16 or log8 cache gives them back) it measures, side by side over the same tokens:
 - the teacher's probability mass inside its top k (mean and worst token);
 - against a student (the teacher cut to ``--student-layers`` uniform layers: a realistic
   distance, before any training), the forward-KL distillation loss and its gradient with respect
@@ -27,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from hpc_kd.config import DataConfig  # noqa: E402
 from hpc_kd.data import Dataset  # noqa: E402
 from hpc_kd.models import load_pretrained, load_tokenizer, shrink  # noqa: E402
-from hpc_kd.sparse import SparseTargets, divergence, sampled, top_k  # noqa: E402
+from hpc_kd.sparse import SparseTargets, divergence, sampled, stored, top_k  # noqa: E402
 
 
 def token_logits(model, encoded, n_tokens: int) -> tuple[torch.Tensor, list[int]]:
@@ -60,6 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("--student-layers", type=int, default=15)
     parser.add_argument("--draws", type=int, default=8, help="repetitions of the sampled targets")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--precisions", nargs="*", default=["float16", "log8"],
+                        help="cache precisions (distill.sparse_precision) whose stored top-k targets are also measured")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,6 +91,9 @@ def main(argv=None) -> int:
     for k in args.ks:
         t = top_k(z_t, k)
         row("top-k + tail", k, *loss_and_grad(z_s, lambda z, t=t: divergence("kl", z, t)))
+        for precision in args.precisions:  # as a cache of that precision gives them back
+            q = stored(t, precision)
+            row(f"top-k + tail, {precision}", k, *loss_and_grad(z_s, lambda z, q=q: divergence("kl", z, q)))
         renorm = SparseTargets(t.ids, t.log_probs - torch.logsumexp(t.log_probs, -1, keepdim=True),
                                torch.full_like(t.tail, -torch.inf))
         row("top-k renormalised", k, *loss_and_grad(z_s, lambda z, r=renorm: divergence("kl", z, r)))

@@ -359,7 +359,7 @@ class DistillConfig:
     #: causal_lm caches: entries per token (k, or the number of draws).
     sparse_k: int = 64
     #: causal_lm caches: how the log-probabilities are stored: log8 (one byte each, on a log
-    #: scale, renormalised when read; ~120 bytes a token at k = 64), float16 or float32.
+    #: scale, renormalised when read; 114 bytes a token at k = 64), float16 or float32.
     sparse_precision: Literal["log8", "float16", "float32"] = "log8"
     #: random: probability that the control picks the teacher for a batch.
     random_teacher_prob: float = 0.5

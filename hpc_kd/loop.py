@@ -318,6 +318,8 @@ class Trainer:
                        "loss": self.p.window[0] / self.p.window[1], "lr": self.student.scheduler.get_last_lr()[0]}
                 if self.task.teacher is not None:
                     log["teacher_share"] = self.p.window[2] / self.p.window[1]  # mean teacher weight per batch
+                if "tutor_tail" in record:  # this step's: the tutor's mass outside the cached teacher's entries
+                    log["tutor_tail"] = record["tutor_tail"]
                 self._log(log)
                 self.p.window = [0.0, 0, 0.0]
             if self.p.step % self.checkpoint_every == 0:
@@ -406,8 +408,13 @@ class Trainer:
         if self.run.tutor.exists():
             tutor = load_classifier(self.run.tutor).to(self.device)
             result["tutor_validation"] = self._evaluate(tutor, "validation")
-        if self.data.encoded["train"].lm:  # for people to read
-            from .models import PROMPTS, greedy_continuations
+        if self.data.encoded["train"].lm:  # for people to read, and the degenerate flag's repetition criterion
+            from .metrics import repetition, with_repetition
+            from .models import PROMPTS, greedy_ids
 
-            result["continuations"] = greedy_continuations(best, self.tokenizer, PROMPTS, device=self.device)
+            ids = greedy_ids(best, self.tokenizer, PROMPTS, device=self.device)
+            result["continuations"] = {p: self.tokenizer.decode(ids[p], skip_special_tokens=True) for p in PROMPTS}
+            share = repetition(ids.values())
+            for split in self.data.reported:
+                result[split] = with_repetition(result[split], share)
         return result

@@ -140,6 +140,8 @@ def resampled_scores(metric: str, labels, preds, idx: np.ndarray, num_labels: in
 
 #: a language model is degenerate when one token is its top-1 at this share of the positions or more
 DEGENERATE_SHARE = 0.9
+#: the repetition criterion of the degenerate flag: the n-gram size and the share of repeated ones
+REPEAT_N, DEGENERATE_REPEAT = 4, 0.5
 
 
 def lm_metrics(nll, tokens, right, top1_counts) -> dict:
@@ -164,3 +166,26 @@ def lm_metrics(nll, tokens, right, top1_counts) -> dict:
             "top_token": int(counts.argmax()) if counts.size else None, "top_token_share": share,
             "degenerate": share >= DEGENERATE_SHARE, "collapsed": share >= DEGENERATE_SHARE,
             "metric": "token_nll", "score": -token_nll}
+
+
+def repetition(sequences, n: int = REPEAT_N) -> float:
+    """The share of repeated n-grams in token sequences (seq-rep-n of Welleck et al. 2020, "Neural
+    text degeneration with unlikelihood training", pooled): 1 − distinct n-grams / n-grams, each
+    sequence's n-grams counted apart. ", , , , ," and "the the the" give nearly 1, fluent text
+    near 0; 0 when no sequence has n tokens."""
+    total = distinct = 0
+    for seq in sequences:
+        grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+        total += len(grams)
+        distinct += len(set(grams))
+    return 1.0 - distinct / total if total else 0.0
+
+
+def with_repetition(metrics: dict, share: float) -> dict:
+    """An LM split's metrics with the repetition criterion of its greedy continuations
+    (``share``: :func:`repetition`): ``degenerate`` (and ``collapsed``) also when at least
+    :data:`DEGENERATE_REPEAT` of their n-grams repeat, the model stuck in a loop such as
+    ", , , ," or "the the the" (whose top token may be the top-1 at only 19% of positions)."""
+    looping = share >= DEGENERATE_REPEAT
+    flag = bool(metrics["degenerate"]) or looping
+    return {**metrics, "repeated_ngram_share": share, "degenerate": flag, "collapsed": flag}

@@ -270,6 +270,12 @@ PROMPTS = ("This movie was", "The acting in this film", "I would not recommend")
 
 def greedy_continuations(model, tokenizer, prompts=PROMPTS, new_tokens: int = 24, device="cpu") -> dict[str, str]:
     """Each prompt's greedy continuation (``new_tokens`` tokens, no sampling), decoded."""
+    ids = greedy_ids(model, tokenizer, prompts, new_tokens, device)
+    return {prompt: tokenizer.decode(ids[prompt], skip_special_tokens=True) for prompt in prompts}
+
+
+def greedy_ids(model, tokenizer, prompts=PROMPTS, new_tokens: int = 24, device="cpu") -> dict[str, list[int]]:
+    """Each prompt's greedy continuation (``new_tokens`` tokens, no sampling): its token ids."""
     was_training = model.training
     model.eval()
     out = {}
@@ -279,6 +285,6 @@ def greedy_continuations(model, tokenizer, prompts=PROMPTS, new_tokens: int = 24
             enc = tokenizer(prompt, return_tensors="pt")
             ids = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
             gen = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
-            out[prompt] = tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+            out[prompt] = gen[0, ids["input_ids"].shape[1]:].tolist()
     model.train(was_training)
     return out

@@ -3,7 +3,8 @@
 A language model's teacher gives a distribution over its whole vocabulary for every token: dense,
 in fp32, 192 KiB per token for a 49,152-token vocabulary. A sparse target keeps, per token, ``k``
 token ids with their teacher log-probabilities and the **tail**: the log of the probability mass
-of every other token. At k = 64 with fp16 values that is 64 x (4 + 2) + 4 bytes.
+of every other token. A cache stores them compactly (:mod:`hpc_kd.cache`; the values at the
+precision of :func:`stored`): 114 bytes a token at k = 64 with log8 values.
 
 Two ways to choose the k entries:
 
@@ -12,9 +13,13 @@ Two ways to choose the k entries:
 - :func:`sampled`: ``n`` tokens drawn from the teacher's (tempered) distribution, with replacement;
   each distinct token carries its empirical frequency (count / n), and the tail is empty. The
   frequencies are an unbiased estimate of the teacher's probabilities (E[count / n] = p_T), so the
-  cross-entropy part of the forward-KL loss, and with it the loss's gradient, is unbiased for the
-  dense one; its value is not (the draws' own entropy stands in for the teacher's). Top-k is
-  biased toward the head but exact on it.
+  cross-entropy part of the forward-KL loss, and with it the **forward-KL gradient**, is unbiased
+  for the dense one. Nothing else is: the loss's value (the draws' own entropy stands in for the
+  teacher's), and the other divergences, which are not linear in p_T (reverse KL and its limits,
+  ``jsd`` at β = 1 and ``skew_reverse_kl`` at λ = 0, are even infinite: the config refuses them).
+  Nor can a live tutor be compared with draws on their support (its probabilities are another
+  estimator: an identical tutor would not tie), so the plan refuses a tutor with sampled targets.
+  Top-k is biased toward the head but exact on it.
 
 **How the tail enters every loss** (:func:`divergence`): teacher and student are compared on the
 same support, the target's entries plus one tail bin. The student's bins are its probabilities of

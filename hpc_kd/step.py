@@ -158,6 +158,9 @@ def _teid(task: Task, student, micro: list[Micro], n: int, scale: float, step: i
         student.step((m.mask * per_example).sum() * scale)
         loss_sum += float((m.mask * per_example).detach().sum())
     count(selection, w_all)
+    if "tutor_tail" in outs[0]:  # mean over the batch's tokens, every rank's
+        mass, tokens = distributed.all_sum([sum(o["tutor_tail"][0] for o in outs), sum(o["tutor_tail"][1] for o in outs)])
+        record["tutor_tail"] = float(mass) / max(float(tokens), 1.0)
     record["tutor_updated"] = update_tutor
     if update_tutor:
         record["tutor_rate"] = task.tutor.trainee.last_rate
@@ -183,6 +186,9 @@ def _losses(task: Task, o: dict) -> dict:
     o["l_t"] = task.distill(o["z_s"], o["z_t"], y)
     z_u = _on_support(o["z_u"], o["z_t"], task.tau) if sparse_targets(o["z_t"]) else o["z_u"].detach().float()
     o["l_u"] = task.distill(o["z_s"], z_u, y)
+    if sparse_targets(z_u):  # the tutor's mass outside the teacher's entries, summed over real tokens
+        mask = (y[:, 1:] != -100) & (o["m"].mask[:, None] > 0)
+        o["tutor_tail"] = (float(torch.where(mask, z_u.tail.exp(), torch.zeros(())).sum()), float(mask.sum()))
     return o
 
 

@@ -35,4 +35,5 @@ def test_sparse_fidelity_runs_on_a_decoder(tiny_decoder):
                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=process_env())
     assert out.returncode == 0, out.stderr[-3000:]
     names = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ") and "| 4 |" in line]
-    assert names == ["4", "top-k + tail", "top-k renormalised", "sampled (one draw set)", "sampled (mean of 2)"]
+    assert names == ["4", "top-k + tail", "top-k + tail, float16", "top-k + tail, log8", "top-k renormalised",
+                     "sampled (one draw set)", "sampled (mean of 2)"]

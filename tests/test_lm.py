@@ -79,6 +79,32 @@ def test_lm_metrics_and_the_degenerate_flag():
     assert stuck["degenerate"] is True and stuck["collapsed"] is True and stuck["top_token"] == 1
 
 
+def test_the_degenerate_flag_catches_a_looping_student(tiny_decoder):
+    """A student whose greedy output is ", , , ," or "the the the" has its top token as the top-1
+    at only 19% of positions, under the 90% share; the repetition of its continuations' 4-grams
+    (seq-rep-4) flags it. Golden values on the tiny tokenizer."""
+    from hpc_kd.metrics import repetition, with_repetition
+    from hpc_kd.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_decoder), lm=True)
+    ids = {text: tok(text, add_special_tokens=False)["input_ids"] for text in
+           (", , , , , , , , , , , ,", "the the the the the the the the the the the the",
+            "a gripping , funny and moving story about two brothers who find each other again")}
+    commas, the, fluent = ids.values()
+    assert len(commas) == len(the) == 12 and len(set(commas)) == len(set(the)) == 1
+    assert repetition([commas]) == 1 - 1 / 9 and repetition([the]) == 1 - 1 / 9
+    assert repetition([fluent]) == 0.0
+    assert repetition([commas, the, fluent]) == 1 - (1 + 1 + len(fluent) - 3) / (9 + 9 + len(fluent) - 3)
+    assert repetition([[1, 2, 3]]) == 0.0  # shorter than a 4-gram
+    looping = lm_metrics(nll=[40.0], tokens=[100], right=[5], top1_counts=[19, 17, 16, 16, 16, 16])
+    assert looping["top_token_share"] == 0.19 and looping["degenerate"] is False  # the share alone misses it
+    flagged = with_repetition(looping, repetition([commas, the, commas]))
+    assert flagged["degenerate"] is True and flagged["collapsed"] is True
+    assert flagged["repeated_ngram_share"] == pytest.approx(8 / 9)
+    fine = with_repetition(looping, repetition([fluent]))
+    assert fine["degenerate"] is False and fine["repeated_ngram_share"] == 0.0
+
+
 def test_a_decoder_chain_trains_resumes_and_reports(tiny_decoder, tmp_path):
     sections = lm_sections(tiny_decoder)
     ref_plan = make_plan(tiny_decoder, tmp_path / "ref", **sections)
@@ -91,6 +117,7 @@ def test_a_decoder_chain_trains_resumes_and_reports(tiny_decoder, tmp_path):
         assert val["metric"] == "token_nll" and val["score"] == -val["token_nll"]
         assert val["perplexity"] == pytest.approx(math.exp(val["token_nll"])) and len(val["nll"]) == 24
         assert set(res["continuations"]) == {"This movie was", "The acting in this film", "I would not recommend"}
+        assert 0 <= val["repeated_ngram_share"] <= 1 and val["degenerate"] == val["collapsed"]
     assert 0 <= student["validation"]["teacher_agreement"] <= 1 and "teacher_agreement" not in teacher["validation"]
     vocab = json.loads((ref_plan.stages[teacher_key].run_dir(ref_plan.root).model / "config.json").read_text())["vocab_size"]
     assert teacher["validation"]["token_nll"] < math.log(vocab) - 0.1  # better than the uniform guess: it learnt
@@ -204,6 +231,8 @@ def test_a_cached_decoder_chain_resumes_to_identical_results(tiny_decoder, tmp_p
     reference = run_plan(ref_plan)
     student_key = list(ref_plan.stages)[-1]
     assert reference[student_key]["targets"] == "cache" and np.isfinite(reference[student_key]["validation"]["token_nll"])
+    train = [m for m in ref_plan.stages[student_key].run_dir(ref_plan.root).metrics() if m["type"] == "train"]
+    assert train and all(0 < m["tutor_tail"] < 1 for m in train)  # the tutor's mass off the teacher's top 8
     plan = make_plan(tiny_decoder, tmp_path / "resumed", **sections)
     assert strip_times(interrupt_and_resume(plan, student_key, 5)) == strip_times(reference[student_key])
 
@@ -381,3 +410,128 @@ def test_top_k_beyond_the_vocabulary_is_refused_at_plan_time(tiny_decoder, tmp_p
         experiment(tiny_config(tiny_decoder, tmp_path, **cached_sections(tiny_decoder, distill={"sparse_k": vocab + 1})))
     assert err.value.key == "distill.sparse_k"
     assert err.value.message == f"top_k of {vocab + 1} tokens, but the vocabulary of {tiny_decoder} has {vocab}; at most {vocab}"
+
+
+# -- a sparse cache's values are checked when read (issue 21) -------------------------------------
+
+def _rewrite_shard(folder, change):
+    """Rewrite the first shard of a sparse cache through ``change(table) -> table``, with its
+    producer stamp, and give the manifest its new checksum: damage a checksum cannot see."""
+    import pyarrow.parquet as pq
+
+    from hpc_kd.cache import SPARSE_PARQUET, file_sha256
+    from hpc_kd.rundir import read_json, write_json
+
+    manifest = read_json(folder / "manifest.json")
+    shard = folder / manifest["shards"][0]["file"]
+    table = pq.read_table(shard)
+    new = change(table)
+    pq.write_table(new.replace_schema_metadata(table.schema.metadata), shard,
+                   **(SPARSE_PARQUET if "position" not in new.column_names else {}))
+    manifest["shards"][0]["sha256"] = file_sha256(shard)
+    write_json(folder / "manifest.json", manifest)
+
+
+def _with_id(value):
+    """A change that sets the 6th token's 3rd id to ``value`` (the compact layout: re-encoded)."""
+    import pyarrow as pa
+
+    from hpc_kd.cache import _binary, _unbinary, decode_ids, encode_ids
+
+    def change(table):
+        k = 8
+        ids = decode_ids(_unbinary(table.column("ids"), table.num_rows), k)
+        ids[5, 2] = value
+        planes = encode_ids(ids, 2005 if value < 65536 else 70000)
+        return table.set_column(table.column_names.index("ids"), "ids", _binary(planes))
+    return change
+
+
+def _old_layout(table, id_at_5_2=None):
+    """The same targets in the layout before issue 19 (a float32 cache: position, int32 ids, Snappy)."""
+    import pyarrow as pa
+
+    from hpc_kd.cache import sparse_columns
+
+    ids, logp, tail = sparse_columns(table, {"k": 8, "precision": "float32"})
+    if id_at_5_2 is not None:
+        ids[5, 2] = id_at_5_2
+    example = table.column("example_id").to_numpy()
+    start = {e: i for i, e in reversed(list(enumerate(example)))}
+    position = np.array([i - start[e] for i, e in enumerate(example)], dtype=np.int32)
+    return pa.Table.from_arrays([
+        pa.array(example, type=pa.int64()), pa.array(position, type=pa.int32()),
+        pa.FixedSizeListArray.from_arrays(pa.array(ids.numpy().astype(np.int32).reshape(-1)), 8),
+        pa.FixedSizeListArray.from_arrays(pa.array(logp.numpy().reshape(-1)), 8), pa.array(tail.numpy())],
+        names=["example_id", "position", "ids", "log_probs", "tail"])
+
+
+@pytest.fixture(scope="module")
+def float32_cache(tiny_decoder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm_cache_values")
+    plan = make_plan(tiny_decoder, root, **cached_sections(tiny_decoder, distill={"sparse_precision": "float32"}))
+    teacher_key, cache_key = list(plan.stages)[:2]
+    run_plan(plan, only=[teacher_key, cache_key])
+    return plan, plan.stages[cache_key]
+
+
+def _open(plan, cache):
+    from hpc_kd.data import Dataset
+    from hpc_kd.models import load_tokenizer
+
+    data = Dataset.build(cache.data, load_tokenizer(str(cache.model.path(plan.root))))
+    return data, cache.load(plan.root, data, plan.run)
+
+
+def _float_column(name, value):
+    import pyarrow as pa
+
+    def change(table):
+        if name == "tail":
+            tail = table.column("tail").to_numpy().copy()
+            tail[5] = value
+            return table.set_column(table.column_names.index("tail"), "tail", pa.array(tail))
+        from hpc_kd.cache import _binary, _unbinary
+        raw = _unbinary(table.column("log_probs"), table.num_rows).copy()
+        raw.view(np.float32)[5, 2] = value
+        return table.set_column(table.column_names.index("log_probs"), "log_probs", _binary(raw))
+    return change
+
+
+@pytest.mark.parametrize("change,needle", [
+    (_with_id(60000), "token id 60000 (row 5) is outside the vocabulary [0, 2005)"),
+    (_with_id(2005), "token id 2005 (row 5) is outside the vocabulary [0, 2005)"),
+    (lambda t: _old_layout(t, id_at_5_2=-5), "token id -5 (row 5) is outside the vocabulary [0, 2005)"),
+    (_float_column("log_probs", float("nan")), "log-probability nan (row 5) is not a log-probability"),
+    (_float_column("log_probs", 0.5), "log-probability 0.5 (row 5) is not a log-probability"),
+    (_float_column("tail", 0.1), "tail 0.10000000149011612 (row 5) is not the log of a mass in [0, 1]"),
+], ids=["id-60000", "id-vocab", "old-layout-id-minus-5", "nan-log-prob", "positive-log-prob", "tail-above-1"])
+def test_a_value_out_of_range_is_damage_and_the_cache_is_rebuilt(float32_cache, change, needle, capfd):
+    """A shard rewritten with a consistent sha256 but an id outside the vocabulary (or a
+    log-probability or tail that is none) is a damaged cache: refused when read, then rebuilt once
+    from its producer, like a checksum failure, instead of failing training with an index error."""
+    from hpc_kd.cache import CacheError, SparseLogitCache
+
+    plan, cache = float32_cache
+    data, good = _open(plan, cache)
+    folder = cache.folder(plan.root)
+    _rewrite_shard(folder, change)
+    ids = data.encoded["train"].ids
+    with pytest.raises(CacheError) as err:
+        SparseLogitCache.open(folder, cache.expected(plan.root, data), ids, cache.sparse, 2005)
+    assert needle in str(err.value)
+    _, rebuilt = _open(plan, cache)  # the stage's load: rebuilt once, then valid
+    assert f"rebuilding {cache.key}" in capfd.readouterr().err
+    assert all(torch.equal(rebuilt.table[c], good.table[c]) for c in ("ids", "log_probs", "tail"))
+
+
+def test_a_cache_of_the_layout_before_issue_19_is_still_read(float32_cache):
+    """Old caches keep their stage key (an explicit float32 or float16 precision) and are read as
+    they are: the same targets as the compact layout, entries in their stored order."""
+    plan, cache = float32_cache
+    _, compact = _open(plan, cache)
+    _rewrite_shard(cache.folder(plan.root), _old_layout)
+    _, old = _open(plan, cache)
+    assert "position" in __import__("pyarrow.parquet").parquet.read_schema(
+        next(cache.folder(plan.root).glob("part-*.parquet"))).names  # not rebuilt: read as it is
+    assert all(torch.equal(old.table[c], compact.table[c]) for c in ("ids", "log_probs", "tail"))

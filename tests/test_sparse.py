@@ -89,3 +89,59 @@ def test_a_tutor_identical_to_the_teacher_ties_on_the_same_support():
 def test_mse_needs_dense_logits():
     with pytest.raises(ValueError, match="needs dense logits"):
         sparse.divergence("mse", Z_S, sparse.top_k(Z_T, 4))
+
+
+# -- what a cache stores (distill.sparse_precision) and ties under every precision (issue 19) ------
+
+@pytest.mark.parametrize("precision", ["float32", "float16", "log8"])
+@pytest.mark.parametrize("name", TERMS)
+def test_a_tutor_identical_to_the_teacher_ties_exactly_under_every_precision(precision, name):
+    """The cached teacher's values went through the cache's rounding; the live tutor, put on the
+    teacher's support, goes through the same (hpc_kd.step._on_support), so an identical tutor gives
+    the student exactly the teacher's loss, not a win or loss decided by rounding."""
+    teacher = sparse.stored(sparse.top_k(Z_T, 8), precision)
+    tutor = sparse.stored(sparse.project(Z_T.clone(), teacher), precision)
+    assert torch.equal(tutor.log_probs, teacher.log_probs) and torch.equal(tutor.tail, teacher.tail)
+    assert torch.equal(sparse.divergence(name, Z_S, teacher), sparse.divergence(name, Z_S, tutor))
+
+
+def test_float16_without_the_tutors_rounding_would_not_tie():
+    """Why the tutor is rounded too: float16 entries sum to 1 only up to about 3e-4, enough for an
+    unrounded identical tutor to win or lose the comparison at random."""
+    teacher = sparse.stored(sparse.top_k(Z_T, 8), "float16")
+    tutor = sparse.project(Z_T.clone(), teacher)
+    assert not torch.equal(sparse.divergence("kl", Z_S, teacher), sparse.divergence("kl", Z_S, tutor))
+
+
+def test_log8_codes_golden_and_renormalised():
+    """log8: code = round(S · ln(1 + (−log p) / 0.01)), S = 254 / ln(2001); 255 is -inf."""
+    lp = torch.tensor([0.0, -0.01, -0.105, -1.0, -7.0, -20.0, -40.0, -torch.inf])
+    codes = sparse.log8_encode(lp)
+    assert codes.tolist() == [0, 23, 82, 154, 219, 254, 254, 255]
+    back = sparse.log8_decode(codes)
+    finite = lp > -20
+    assert ((back[finite] - lp[finite]).abs() <= 0.016 * (0.01 - lp[finite])).all()  # half a 3% step
+    assert back[-1] == -torch.inf and back[-2] == back[-3]  # below e^-20 is stored as e^-20
+    t = sparse.stored(sparse.top_k(Z_T, 8), "log8")
+    mass = t.log_probs.exp().sum(-1) + t.tail.exp()
+    assert torch.allclose(mass, torch.ones_like(mass), atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16", "log8"])
+def test_the_compact_layout_round_trips(precision):
+    """ids sorted and delta-coded in uint16 (uint32 past 65,536 tokens), values at the precision:
+    what the reader gets back is :func:`hpc_kd.sparse.stored` of what was written, entries in id order."""
+    import numpy as np
+
+    from hpc_kd.cache import SPARSE_PARQUET, sparse_columns, sparse_table
+
+    for vocab, offset in ((V, 0), (70_000, 65_000)):
+        t = sparse.top_k(Z_T, 8).ids.reshape(-1, 8) + offset, sparse.top_k(Z_T, 8)
+        ids, ref = t[0], t[1]
+        flat = sparse.SparseTargets(ids, ref.log_probs.reshape(-1, 8), ref.tail.reshape(-1))
+        table = sparse_table(np.repeat(np.arange(3), 5), flat, precision, vocab)
+        assert table.schema.field("ids").type.byte_width == 8 * (2 if vocab <= 65536 else 4)
+        got_ids, got_lp, got_tail = sparse_columns(table, {"k": 8, "precision": precision})
+        order = ids.argsort(dim=-1, stable=True)
+        want = sparse.stored(sparse.SparseTargets(ids.gather(-1, order), flat.log_probs.gather(-1, order), flat.tail), precision)
+        assert torch.equal(got_ids, want.ids) and torch.equal(got_lp, want.log_probs) and torch.equal(got_tail, want.tail)
