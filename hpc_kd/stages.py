@@ -90,7 +90,7 @@ class Stage:
         return SweepDir(root).run(self.key)
 
     def __call__(self, root: str | Path, run_cfg: RunConfig = RunConfig(), on_step=None) -> dict:
-        from . import distributed
+        from . import distributed, trackers
 
         if not distributed.active() and distributed.detect().size > 1:
             # one task of a job with several (SLURM, submitit, torchrun): join the others first
@@ -107,7 +107,8 @@ class Stage:
             if run.done():  # finished by another process while this one looked
                 return run.result()
             run.set_aside_damaged()  # a record that cannot be read: run it again
-            return self._run(Path(root), run, run_cfg, on_step)
+            with trackers.mirror(run, self, Path(root), run_cfg.trackers) as run:  # run.trackers see its records
+                return self._run(Path(root), run, run_cfg, on_step)
 
     def _run(self, root: Path, run: RunDir, run_cfg: RunConfig, on_step) -> dict:
         """Run the stage into ``run``, which this process owns."""
