@@ -26,6 +26,9 @@ COLUMNS = ["role", "depth", "iteration", "chain", "policy", "seed", "tutor_updat
 #: splits (``data.also_evaluate``) add ``<split>_score``. A sweep over ``data.name`` has a ``task``
 #: column.
 
+#: the parts of a combined metric, shown beside it: (result key, column suffix)
+COMPONENTS = {"f1_accuracy": (("f1_pos", "f1"),), "pearson_spearman": (("pearson", "pearson"), ("spearman", "spearman"))}
+
 STANDARD_AXES = ("student.layers", "distill.policy", "seed", "distill.tutor_update")
 AXIS_NAMES = {"data.name": "task"}
 
@@ -60,6 +63,8 @@ def _fill(row: dict, res: dict) -> None:
             row[f"{prefix}_acc"] = res[split].get("accuracy")
             row[f"{prefix}_macro_f1"] = res[split].get("macro_f1")
             row[f"{prefix}_nll"] = res[split].get("token_nll")
+            for part, name in COMPONENTS.get(res[split].get("metric"), ()):  # a combined metric's parts
+                row[f"{prefix}_{name}"] = res[split].get(part)
     row["val_ppl"] = res["validation"].get("perplexity")
     row["agreement"] = res["validation"].get("teacher_agreement")
     for split, value in res.items():  # data.also_evaluate
@@ -207,9 +212,9 @@ def main(argv=None) -> int:
     if root is None:
         return 2
     print(aggregate(root), end="")
+    print(push(root, args.push), end="")
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-    print(push(root, args.push), end="")

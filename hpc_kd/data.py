@@ -142,6 +142,9 @@ def _labels(values, cfg: DataConfig, where: str) -> np.ndarray:
         if isinstance(value, (bool, np.bool_)) or not float(value).is_integer():
             raise ConfigError(key, f"{_row(where, i)}: label {value!r} is not an integer class")
         value = int(value)
+        if value == -1 and all(v in (-1, "-1") for v in values):
+            raise ConfigError(key, f"{where}: every label is -1, the mark of a hidden (unlabelled) split such as "
+                                   f"GLUE's test splits; evaluate on a labelled split instead")
         if not 0 <= value < cfg.num_labels:
             raise ConfigError(key, f"{_row(where, i)}: label {value} outside [0, {cfg.num_labels}) "
                                    f"(data.num_labels is {cfg.num_labels})")

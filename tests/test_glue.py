@@ -44,6 +44,8 @@ def test_a_glue_name_fills_columns_labels_metric_and_splits():
     ({"name": "glue/mnli", "metric": "f1"}, "data.metric", "needs 2 classes"),
     ({"num_labels": 2, "metric": "pearson"}, "data.metric", "does not fit 2 classes"),
     ({"name": "glue/stsb", "label_names": ["a"]}, "data.label_names", "regression"),
+    ({"name": "glue/sst2", "test_split": "test"}, "data.test_split", "GLUE's 'test' split of glue/sst2 has hidden labels"),
+    ({"name": "glue/mnli", "also_evaluate": ["test_mismatched"]}, "data.also_evaluate", "hidden labels (-1 in every row)"),
 ])
 def test_config_errors_name_the_key(data, key, message):
     with pytest.raises(ConfigError) as err:
@@ -107,6 +109,16 @@ def test_regression_labels_are_real_numbers_checked_by_row(glue_files, tmp_path)
     frame.assign(label=2.0).to_csv(tmp_path / "flat.csv", index=False)
     with pytest.raises(ConfigError, match="cannot learn from one value"):
         check_data(from_dict(DataConfig, {**glue_data(glue_files, "stsb"), "train_file": str(tmp_path / "flat.csv")}))
+
+
+def test_a_split_of_hidden_labels_is_refused(tmp_path):
+    from hpc_kd.data import check_data
+
+    (tmp_path / "train.csv").write_text("text,label\ngood,1\nbad,0\n")
+    (tmp_path / "test.csv").write_text("text,label\ngood,-1\nbad,-1\n")
+    with pytest.raises(ConfigError, match="test.csv: every label is -1, the mark of a hidden"):
+        check_data(DataConfig(source="local", train_file=str(tmp_path / "train.csv"),
+                              validation_file=str(tmp_path / "train.csv"), test_file=str(tmp_path / "test.csv")))
 
 
 def test_a_missing_second_sentence_column_names_the_key(glue_files):
@@ -201,20 +213,35 @@ def two_task_sweep(tiny_model, glue_files, tmp_path_factory):
 def test_the_cross_task_table_has_a_column_per_task_and_the_average(two_task_sweep):
     rows = collect(two_task_sweep)
     table = cross_task(rows)
-    assert table["split"] == "validation" and table["columns"] == ["MRPC", "STS-B"]
+    columns = ["MRPC F1", "MRPC acc", "STS-B Pearson", "STS-B Spearman"]  # a combined metric's parts
+    assert table["split"] == "validation" and table["columns"] == columns
+    assert table["average"] == "GLUE dev average over 2 tasks"  # never "the GLUE score"
     students = {(r["task"], r["policy"], r["seed"]): r for r in rows if r["role"] == "student"}
     assert len(students) == 8 and {r["metric"] for r in students.values()} == {"f1_accuracy", "pearson_spearman"}
     group = next(g for g in table["groups"] if g["role"] == "student" and g["policy"] == "min_loss")
-    for title, task in (("MRPC", "glue/mrpc"), ("STS-B", "glue/stsb")):
-        assert sorted(group["cells"][title]) == sorted(students[(task, "min_loss", s)]["val_score"] for s in (0, 1))
+    for title, task, key in (("MRPC F1", "glue/mrpc", "val_f1"), ("MRPC acc", "glue/mrpc", "val_acc"),
+                             ("STS-B Pearson", "glue/stsb", "val_pearson"), ("STS-B Spearman", "glue/stsb", "val_spearman")):
+        assert sorted(group["cells"][title]) == sorted(students[(task, "min_loss", s)][key] for s in (0, 1))
+    for s in (0, 1):  # the parts make up the score
+        mrpc, stsb = students[("glue/mrpc", "min_loss", s)], students[("glue/stsb", "min_loss", s)]
+        assert mrpc["val_score"] == pytest.approx((mrpc["val_f1"] + mrpc["val_acc"]) / 2)
+        assert stsb["val_score"] == pytest.approx((stsb["val_pearson"] + stsb["val_spearman"]) / 2)
     assert group["average"] == pytest.approx([(students[("glue/mrpc", "min_loss", s)]["val_score"]
                                                + students[("glue/stsb", "min_loss", s)]["val_score"]) / 2 for s in (0, 1)])
     teachers = [g for g in table["groups"] if g["role"] == "teacher"]
-    assert len(teachers) == 1 and set(teachers[0]["cells"]) == {"MRPC", "STS-B"}
+    assert len(teachers) == 1 and set(teachers[0]["cells"]) == set(columns)
     summary = (two_task_sweep / "summary.md").read_text()
-    assert "### All tasks (validation" in summary and "| MRPC | STS-B | average |" in summary
+    assert "### All tasks (validation" in summary and "| STS-B Spearman | GLUE dev average over 2 tasks |" in summary
+    assert "GLUE score" not in summary
     assert "### Difference to plain KD per task" in summary and "| 2 | 2 | min_loss | online | " in summary
     assert (two_task_sweep / "plots" / "accuracy_vs_depth_glue_stsb.png").exists()
+
+
+def test_the_average_is_named_for_what_it_is():
+    from hpc_kd.report import average_label
+
+    assert average_label(["glue/mrpc", "glue/stsb"], "validation") == "GLUE dev average over 2 tasks"
+    assert average_label(["glue/mrpc", "my_task"], "validation") == "average over 2 tasks (1 not from GLUE: my_task)"
 
 
 def test_paired_differences_are_per_task_on_its_metric(two_task_sweep):
