@@ -37,3 +37,16 @@ def test_sparse_fidelity_runs_on_a_decoder(tiny_decoder):
     names = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| ") and "| 4 |" in line]
     assert names == ["4", "top-k + tail", "top-k + tail, float16", "top-k + tail, log8", "top-k renormalised",
                      "sampled (one draw set)", "sampled (mean of 2)"]
+
+
+@pytest.mark.slow
+def test_cache_size_runs_on_a_decoder(tiny_decoder):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cache_size.py"), "--pretrained", str(tiny_decoder),
+                          "--ks", "4", "--examples", "8", "--max-length", "16", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, env=process_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): float(line.split("|")[4]) for line in out.stdout.splitlines()
+            if line.startswith("| ") and "| 4 |" in line}
+    assert list(rows) == ["before issue 19 (float32, Snappy)", "compact, float32", "compact, float16", "compact, log8"]
+    assert rows["compact, log8"] < rows["compact, float16"] < rows["compact, float32"]
+

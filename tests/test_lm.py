@@ -200,21 +200,24 @@ def test_a_sparse_cache_holds_each_tokens_targets_keyed_by_sequence_and_position
         SparseLogitCache.open(cache.folder(plan.root), cache.expected(plan.root, data), train.ids, cache.sparse)
 
 
-def test_a_tutor_identical_to_the_teacher_ties_with_the_sparse_teacher(tiny_decoder, tmp_path):
-    """Like with like: the live tutor is put on the cached teacher's support, so a tutor that is
-    the teacher gets the same loss (up to float rounding), not a win from the tail's treatment."""
+@pytest.mark.parametrize("precision", ["log8", "float16", "float32"])
+def test_a_tutor_identical_to_the_teacher_ties_with_the_sparse_teacher(tiny_decoder, tmp_path, precision):
+    """Like with like: the live tutor is put on the cached teacher's support and through the
+    cache's rounding, so a tutor that is the teacher gets the same loss (up to the float rounding
+    of a forward pass on other batch shapes), not a win from the tail's treatment or the rounding."""
     from hpc_kd.data import Dataset
     from hpc_kd.models import load_classifier, load_tokenizer
     from hpc_kd.sources import CachedLogits, FrozenModel
     from hpc_kd.step import Micro, Task, _losses, targets
 
-    plan = make_plan(tiny_decoder, tmp_path, **cached_sections(tiny_decoder))
+    plan = make_plan(tiny_decoder, tmp_path, **cached_sections(tiny_decoder, distill={"sparse_precision": precision}))
     teacher_key, cache_key = list(plan.stages)[:2]
     run_plan(plan, only=[teacher_key, cache_key])
     cache = plan.stages[cache_key]
     model_dir = cache.model.path(plan.root)
     data = Dataset.build(cache.data, load_tokenizer(str(model_dir)))
     teacher = CachedLogits(cache.load(plan.root, data, plan.run), "cpu")
+    assert teacher.cache.precision == precision
     tutor = FrozenModel(load_classifier(model_dir))
     task = Task(teacher, tutor, None, tau=cache.sparse["tau"], alpha=0.5, term="kl")  # the cache's temperature
     batch = data.encoded["train"].collate(np.arange(8))
