@@ -309,3 +309,69 @@ def test_a_tracker_that_fails_is_dropped_after_one_warning(monkeypatch, tmp_path
     assert calls[0] == ("log", 2, {"train/loss": 1.0})
     assert ("rewind", 1, 1) in calls and calls[-1] == ("finish", {"result/steps": 4.0, "result/test/accuracy": 0.75})
     assert capsys.readouterr().err.count("[trackers] broken failed for distill-x (ConnectionError: no route to host)") == 1
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+from tests.conftest import make_plan
+plan = make_plan(Path(sys.argv[1]), Path(sys.argv[2]), run={"checkpoint_every": 4, "log_every": 2, "trackers": sys.argv[3:]})
+teacher = next(iter(plan.stages.values()))
+
+def kill(trainer, record):
+    if trainer.p.step == %d:
+        os.kill(os.getpid(), signal.SIGKILL)  # no finally, no tracker closed: as a node that dies
+
+teacher(plan.root, plan.run, on_step=kill)
+""" % KILL_AT
+
+
+def test_a_job_killed_outright_resumes_with_no_step_twice(sweeps, tiny_model, tmp_path):
+    """SIGKILL the teacher's process after step 11 (checkpoint at 8, train record of step 10 on
+    disk), resume it here: TensorBoard and MLflow equal metrics.jsonl, wandb shows no step twice
+    and no value that metrics.jsonl does not hold."""
+    import os
+    import subprocess
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hpc_kd.trackers import mlflow_client, wandb_id
+
+    from .conftest import process_env
+
+    ref, reference, _, _ = sweeps
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(tiny_model), str(tmp_path), *ALL], cwd=repo,
+                          env=process_env(WANDB_SERVICE=""),  # its own wandb service, as a new job has
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    plan = make_plan(tiny_model, tmp_path, run={**RUN, "trackers": ALL})
+    teacher = list(plan.stages)[0]
+    run = plan.stages[teacher].run_dir(plan.root)
+    assert run.checkpoint.exists() and [r["step"] for r in run.metrics()][-1] == 10
+    result = run_plan(plan, only=[teacher])[teacher]
+    assert strip_times(result) == strip_times(reference[teacher])
+    records = run.metrics()
+    assert records == ref.stages[teacher].run_dir(ref.root).metrics()
+    expected = expected_series(records)
+
+    events = EventAccumulator(str(plan.root / "tensorboard" / teacher), size_guidance={"scalars": 0})
+    events.Reload()
+    for name, series in expected.items():
+        assert [(e.step, e.value) for e in events.Scalars(name)] == [(s, float(np.float32(v))) for s, v in series], name
+
+    client = mlflow_client(plan.root)
+    experiment = client.get_experiment_by_name(plan.root.name)
+    [found] = client.search_runs([experiment.experiment_id], filter_string=f"tags.`hpc_kd.stage` = '{teacher}'")
+    assert found.info.status == "FINISHED"
+    for name, series in expected.items():
+        assert sorted((m.step, m.value) for m in client.get_metric_history(found.info.run_id, name)) == series, name
+
+    sessions = wandb_sessions(plan.root, wandb_id(plan.root.name, teacher))
+    assert len(sessions) == 2 and sessions[-1]["exit"] == 0
+    rows = [row for s in sessions for row in s["history"]]
+    steps = [row["_step"] for row in rows]
+    assert steps == sorted(set(steps)), steps
+    for name, series in expected.items():
+        assert set((row["_step"], row[name]) for row in rows if name in row) <= set(series), name
+    assert [row["_step"] for row in sessions[-1]["history"]] == [12]
