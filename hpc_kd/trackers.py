@@ -36,6 +36,7 @@ import os
 import re
 import sys
 import time
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from .config import Tracker as TrackerName
 from .rundir import RunDir, SweepDir
 
 #: every tracker name ``run.trackers`` allows
-NAMES: tuple[str, ...] = TrackerName.__args__
+NAMES: tuple[str, ...] = typing.get_args(TrackerName)
 #: what ``result.json`` holds for people to read, not numbers to plot
 _SKIP = {"pred", "correct", "labels", "nll", "tokens", "confusion", "continuations", "data_fingerprints",
          "selection_per_epoch", "producer"}
