@@ -230,7 +230,10 @@ def _checked_table(folder: Path, expected: dict, sparse: dict | None = None) -> 
     except (ValueError, KeyError, TypeError, AttributeError, OSError, pa.ArrowException) as err:
         raise CacheError(f"{folder}: manifest.json cannot be read or lacks a field "
                          f"({type(err).__name__}: {err})") from None
-    table = pa.concat_tables(tables).combine_chunks()
+    try:
+        table = pa.concat_tables(tables).combine_chunks()
+    except pa.ArrowException as err:  # shards of two layouts or schemas
+        raise CacheError(f"{folder}: shards do not share one schema ({type(err).__name__}: {err})") from None
     if table.num_rows != manifest["total_rows"]:
         raise CacheError(f"{folder}: {table.num_rows} rows, manifest says {manifest['total_rows']}")
     return manifest, table
@@ -333,7 +336,7 @@ def sparse_table(example_ids: np.ndarray, targets, precision: str, vocab: int) -
     values = values.numpy()
     return pa.Table.from_arrays([
         pa.array(example_ids, type=pa.int64()), _binary(encode_ids(ids, vocab)),
-        _binary(values.view(np.uint8).reshape(len(values), -1)), pa.array(tail.numpy())],
+        _binary(values.view(np.uint8).reshape(len(values), values.shape[1] * values.itemsize)), pa.array(tail.numpy())],
         names=["example_id", "ids", "log_probs", "tail"])
 
 
