@@ -413,6 +413,13 @@ def test_top_k_beyond_the_vocabulary_is_refused_at_plan_time(tiny_decoder, tmp_p
         experiment(tiny_config(tiny_decoder, tmp_path, **cached_sections(tiny_decoder, distill={"sparse_k": vocab + 1})))
     assert err.value.key == "distill.sparse_k"
     assert err.value.message == f"top_k of {vocab + 1} tokens, but the vocabulary of {tiny_decoder} has {vocab}; at most {vocab}"
+    from .conftest import write_yaml
+
+    path = write_yaml(tmp_path / "s.yaml", tiny_config(tiny_decoder, tmp_path / "out", **cached_sections(tiny_decoder)))
+    proc = __import__("subprocess").run([__import__("sys").executable, "-m", "hpc_kd.launch", str(path),
+                                         f"distill.sparse_k={vocab + 1}"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("config error: distill.sparse_k: top_k of")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
 # -- a sparse cache's values are checked when read (issue 21) -------------------------------------
