@@ -16,6 +16,7 @@ stages in order, all ranks together (:func:`hpc_kd.distributed.run_plan`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections import Counter
@@ -114,7 +115,11 @@ def main(argv=None) -> int:
     if argv[:1] == ["cancel"]:
         return cancel_main(argv[1:])
     args = parse(argv)
-    stop_on_sigterm()
+    with stop_on_sigterm():
+        return _launch(args)
+
+
+def _launch(args) -> int:
     try:
         plan = load_plan(args.sweep, args.overrides)
     except ConfigError as err:
@@ -166,17 +171,29 @@ def main(argv=None) -> int:
 STOPPED = 130
 
 
-def stop_on_sigterm() -> None:
-    """Stop the launcher on SIGTERM (what ``launch cancel``, ``kill`` and batch systems send) as on
-    Ctrl-C: it starts nothing more, kills its running jobs and exits :data:`STOPPED`. SIGINT is
-    left as inherited: a launcher started in the background of a script ignores it (so that a
-    Ctrl-C meant for the script's foreground does not reach it), and SIGTERM still stops it."""
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """While the launcher runs, stop it on SIGTERM (what ``launch cancel``, ``kill`` and batch
+    systems send) as on Ctrl-C: it starts nothing more, kills its running jobs and exits
+    :data:`STOPPED`. SIGINT is left as inherited: a launcher started in the background of a
+    script ignores it (so that a Ctrl-C meant for the script's foreground does not reach it), and
+    SIGTERM still stops it. The process's own handler is restored after (a launch called from
+    Python, e.g. a test, leaves no trace); from a thread other than the main one nothing changes
+    (only the main thread can set handlers)."""
     import signal
+    import threading
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, interrupt)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def unwritable(sweep: SweepDir, runs=()) -> str | None:

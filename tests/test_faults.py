@@ -440,3 +440,15 @@ def test_slurm_tests_skip_when_slurm_is_installed_but_its_controller_does_not_an
         require_slurm()
     fake.write_text("#!/bin/sh\necho up\n")
     require_slurm()  # it answers: the test runs
+
+
+def test_a_launch_called_from_python_leaves_the_callers_sigterm_handler(tiny_model, tmp_path):
+    cfg = tiny_config(tiny_model, tmp_path / "out", distill={"policy": "teacher"})
+    sweep = write_yaml(tmp_path / "s.yaml", cfg)
+    mine = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        assert launch.main([str(sweep), "--dry-run"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
