@@ -25,6 +25,9 @@ again; no tracker shows a step twice. TensorBoard purges them (``purge_step``) a
 MLflow keeps the first value of each (metric, step); wandb (``resume="allow"``, the same id) is
 not sent them a second time. TensorBoard and MLflow also get any kept record they lack (a tracker
 switched on for a run under way); wandb offline cannot know, so it starts where the run resumes.
+A job killed outright (SIGKILL) loses no TensorBoard or MLflow record (both written at once);
+wandb's service writes the run's file every second, so wandb may miss the killed session's last
+second (``metrics.jsonl`` has it).
 
 A tracker that cannot start (not installed, no network, no login) or fails to log is named once on
 stderr and dropped; the run goes on and its files are the same as without it.
@@ -217,9 +220,13 @@ def wandb_id(sweep: str, key: str) -> str:
 def _wandb_init(info_root: Path, **kwargs):
     import wandb
 
+    settings = {"console": "off", "silent": True}
+    if "x_transaction_log_flush_interval" in wandb.Settings.model_fields:
+        # to the run's file every second, not every 15: a job killed outright loses a second of records
+        settings["x_transaction_log_flush_interval"] = 1.0
     options = {"dir": None if os.environ.get("WANDB_DIR") else str(info_root),
                "project": os.environ.get("WANDB_PROJECT", "hpc_kd"), "resume": "allow", "reinit": "create_new",
-               "settings": wandb.Settings(console="off", silent=True)}
+               "settings": wandb.Settings(**settings)}
     return wandb.init(**options, **kwargs)
 
 
