@@ -145,3 +145,13 @@ def test_the_compact_layout_round_trips(precision):
         order = ids.argsort(dim=-1, stable=True)
         want = sparse.stored(sparse.SparseTargets(ids.gather(-1, order), flat.log_probs.gather(-1, order), flat.tail), precision)
         assert torch.equal(got_ids, want.ids) and torch.equal(got_lp, want.log_probs) and torch.equal(got_tail, want.tail)
+
+
+def test_sampled_targets_would_not_tie_an_identical_tutor():
+    """Why the plan refuses a tutor with sampled targets (tests/test_lm.py): the teacher's draw
+    frequencies and the identical tutor's probabilities on the drawn tokens are two estimators of
+    one distribution, and the loss against them differs by far more than rounding."""
+    teacher = sparse.sampled(Z_T, 64, generator=torch.Generator().manual_seed(0))
+    tutor = sparse.project(Z_T.clone(), teacher)
+    gap = sparse.divergence("kl", Z_S, teacher) - sparse.divergence("kl", Z_S, tutor)
+    assert gap.abs().mean() > 0.1
