@@ -2,7 +2,8 @@
 6 -> 5 -> 4 MiniLM chain. Prints ratios to plain CE fine-tuning of the student, all measured
 side by side in this one process (modes interleaved round-robin, so drift hits all alike).
 
-    python benchmarks/distill_speed.py [--steps 20] [--rounds 3] [--train 2000]
+    python benchmarks/distill_speed.py [--steps 20] [--rounds 3] [--train 2000] [--pretrained embedded]
+        [--device cpu|cuda] [--dtype fp32|bf16]
 
 (a) student CE only (the floor)      (b) KD, teacher from cache      (c) KD, live teacher
 (d) TEID, cached teacher + frozen cached tutor
@@ -16,8 +17,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lm_common as bench  # noqa: E402  (the --device / --dtype flags)
 
 from hpc_kd.cache import LogitCache, producer, write_cache  # noqa: E402
 from hpc_kd.config import DataConfig, TrainConfig  # noqa: E402
@@ -43,34 +46,40 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--train", type=int, default=2000, help="training sentences (cache size)")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--pretrained", default="embedded", help="embedded (the 6-layer MiniLM) or an encoder folder")
+    bench.add_device_args(ap)
     args = ap.parse_args()
+    device = bench.device_of(args)
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="hpc_kd_bench_"))
-    data_cfg = DataConfig(max_train_examples=args.train, max_length=64)
-    tok = load_tokenizer("embedded")
+    data_cfg = DataConfig(max_train_examples=args.train, max_length=args.max_length)
+    tok = load_tokenizer(args.pretrained)
     dataset = Dataset.build(data_cfg, tok)
     train = dataset.encoded["train"]
     # Timing does not depend on how well the models are trained: pretrained MiniLM with a head.
-    teacher = load_pretrained("embedded", 2, seed=0)
-    models = {"teacher": teacher, "tutor": shrink(teacher, 5, "uniform", 0)}
+    teacher = load_pretrained(args.pretrained, 2, seed=0)
+    depth = teacher.config.num_hidden_layers  # 6 embedded: a 6 -> 5 -> 4 chain
+    models = {"teacher": teacher, "tutor": shrink(teacher, depth - 1, "uniform", 0)}
     caches = {}
     for name, model in models.items():
         save_model(model, tok, tmp / name)
         prod = producer(tmp / name, data_cfg.max_length, "embedded", "train", dataset.fingerprints["train"])
-        write_cache(tmp / f"{name}_logits", model, train, prod, 2)
+        with bench.autocast(device, args.dtype):
+            write_cache(tmp / f"{name}_logits", model, train, prod, 2, device=device)
         caches[name] = (tmp / f"{name}_logits", prod)
-    student0 = shrink(teacher, 4, "uniform", 0)
+    student0 = shrink(teacher.cpu(), depth - 2, "uniform", 0)
     cfg = TrainConfig(batch_size=args.batch_size, epochs=1)
 
     def cached(name):
         folder, prod = caches[name]
-        return CachedLogits(LogitCache.open(folder, prod, train.ids), "cpu")
+        return CachedLogits(LogitCache.open(folder, prod, train.ids), device)
 
     def live(name):
-        return FrozenModel(load_classifier(tmp / name))
+        return FrozenModel(load_classifier(tmp / name).to(device))
 
     def online():
-        return OnlineTutor(load_classifier(tmp / "tutor"), cfg)
+        return OnlineTutor(load_classifier(tmp / "tutor").to(device), cfg)
 
     policy = lambda: make_policy("min_loss")  # noqa: E731
     modes = {
@@ -83,16 +92,21 @@ def main():
     }
     trainers = {}
     for key, (_, make) in modes.items():
-        trainers[key] = Trainer(RunDir(tmp / f"run_{key}"), copy.deepcopy(student0), tok, dataset, make(), cfg, seed=0)
+        trainers[key] = Trainer(RunDir(tmp / f"run_{key}"), copy.deepcopy(student0), tok, dataset, make(), cfg, seed=0,
+                                device=device)
     batches = train_batches(train.lengths, cfg.batch_size, seed=0, epoch=0)
     per_step = {k: [] for k in modes}
     cursor = 0
     for round_ in range(args.rounds + 1):  # round 0 warms up
         for key, trainer in trainers.items():
             chunk = [batches[(cursor + i) % len(batches)] for i in range(args.steps)]
+            bench.sync(device)
             t0 = time.perf_counter()
-            for index in chunk:
-                trainer._step(train.collate(index))
+            with bench.autocast(device, args.dtype):
+                for index in chunk:
+                    trainer._train_step(index)
+                    trainer.p.step += 1  # as the loop counts (the tutor's rate is its schedule at this step)
+            bench.sync(device)
             if round_ > 0:
                 per_step[key].append((time.perf_counter() - t0) / args.steps)
         cursor += args.steps
@@ -107,8 +121,8 @@ def main():
     io_seconds = time.perf_counter() - t0
     epoch_b = med["b"] * len(batches)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}; {args.train} sentences, batch {cfg.batch_size}, "
+    print(f"machine: {bench.machine(device)}; {args.dtype}; {args.pretrained} ({depth} -> {depth - 1} -> {depth - 2}); "
+          f"{args.train} sentences, batch {cfg.batch_size}, "
           f"{args.rounds} rounds x {args.steps} steps per mode (median of rounds)")
     print(f"{'mode':<52} {'s/step':>8} {'ratio to (a)':>13}")
     for key, (label, _) in modes.items():
