@@ -50,3 +50,25 @@ def test_cache_size_runs_on_a_decoder(tiny_decoder):
     assert list(rows) == ["before issue 19 (float32, Snappy)", "compact, float32", "compact, float16", "compact, log8"]
     assert rows["compact, log8"] < rows["compact, float16"] < rows["compact, float32"]
 
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_every_step_in_its_cpu_smoke_mode(tiny_decoder, tiny_model, tmp_path):
+    """benchmarks/gpu.sh --cpu-smoke: the four GPU measurements at tiny sizes on CPU, offline, with
+    the tiny test models; every step runs and the figures file holds each benchmark's rows."""
+    figures = tmp_path / "out" / "gpu_figures.md"
+    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--cpu-smoke", "--out", str(figures)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT,
+                         env=process_env(HPC_KD_LM_TEACHER=str(tiny_decoder), HPC_KD_ENCODER=str(tiny_model)))
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    text = figures.read_text()
+    for step in ("1. LM training fidelity", "2. LM step cost", "3. fine-tuning throughput", "4. classification cache ratios"):
+        assert any(line.startswith(step) and ": ok in " in line for line in text.splitlines()), step
+    rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| (")]
+    assert rows[:3] == ["(a) dense teacher, live", "(b) top-8 + tail cache, float32", "(c) top-8 + tail cache, log8 (default)"]
+    assert rows[3:] == ["(a) student next-token CE only (floor)", "(b) KD, cached teacher", "(c) KD, live teacher",
+                        "(d) TEID, cached teacher + frozen cached tutor", "(e) TEID, live teacher + live online tutor (Alg. 2)",
+                        "(f) TEID, cached teacher + live online tutor"]
+    for needle in ("(c)/(a) - 1 = ", "(e)/(d) = ", "cache write: ", "| HF Trainer, same batches |", "cache I/O: "):
+        assert needle in text, needle
+    assert "all steps ran" in out.stdout
