@@ -42,18 +42,19 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HPC_KD_N
 
 if [ "$SMOKE" = 1 ]; then
   DEV="--device cpu --dtype fp32 --threads 1"
-  T_LM=120; T_FT=150; T_DS=120
+  T_FID=120; T_SPD=120; T_FT=150; T_DS=120
   FID="--student-layers 1 --train 16 --eval 8 --epochs 1 --batch-size 8 --max-length 16 --k 8"
   SPD="--student-layers 1 --tutor-layers 2 --max-length 16 --batch-size 4 --steps 1 --rounds 1 --k 8 --cache-batch-size 4"
   FT="--device cpu --precision fp32 --steps 2 --warmup 1 --rounds 1 --batch-size 8 --max-length 32 --threads 1"
   DS="--device cpu --dtype fp32 --threads 1 --train 64 --steps 2 --rounds 1 --batch-size 16 --max-length 24"
 else
   DEV="--device cuda --dtype bf16"
-  T_LM=120; T_FT=130; T_DS=70
-  # a realistic size on one GPU: 2,000 reviews of 128 tokens, a 6-layer student, 250 steps of batch 16
-  FID="--student-layers 6 --train 2000 --eval 256 --epochs 2 --batch-size 16 --max-length 128 --k 64 --lr 3e-4"
+  # limits: 45 + 45 + 120 + 100 + 110 + 60 = 480 s at most
+  T_FID=120; T_SPD=100; T_FT=110; T_DS=60
+  # a realistic size on one GPU: 1,600 reviews of 128 tokens, a 6-layer student, 200 steps of batch 16
+  FID="--student-layers 6 --train 1600 --eval 256 --epochs 2 --batch-size 16 --max-length 128 --k 64 --lr 3e-4"
   SPD="--student-layers 6 --tutor-layers 15 --max-length 256 --batch-size 16 --steps 10 --rounds 3 --k 64 --cache-batch-size 32"
-  FT="--device cuda --precision fp32 --steps 30 --warmup 5 --rounds 2 --batch-size 32 --max-length 128"
+  FT="--device cuda --precision fp32 --steps 40 --warmup 5 --rounds 1 --batch-size 32 --max-length 128"
   DS="--device cuda --dtype bf16 --train 2000 --steps 20 --rounds 3 --batch-size 32 --max-length 64"
 fi
 
@@ -86,16 +87,16 @@ say "# hpc_kd GPU figures ($( [ "$SMOKE" = 1 ] && echo "CPU smoke run, tiny size
 say ""
 say "$(date -u '+%Y-%m-%d %H:%M UTC'), $(hostname), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), load: $(uptime | sed 's/.*load average/load average/')"
 command -v nvidia-smi >/dev/null && say "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -4)"
-step "environment" 60 "$PY" -c "import torch, transformers, hpc_kd; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else ''); print('transformers', transformers.__version__)"
+step "environment" 45 "$PY" -c "import torch, transformers, hpc_kd; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else ''); print('transformers', transformers.__version__)"
 
 # The LM teacher must be there already: on a machine without the network the embedded one cannot be fetched.
 before=${#FAILED[@]}
-step "LM teacher ($LM)" 60 "$PY" -c "from hpc_kd.models import resolve_pretrained; print(resolve_pretrained('$LM', lm=True))"
+step "LM teacher ($LM)" 45 "$PY" -c "from hpc_kd.models import resolve_pretrained; print(resolve_pretrained('$LM', lm=True))"
 [ "${#FAILED[@]}" = "$before" ] && LM_OK=1 || LM_OK=0
 
 if [ "$LM_OK" = 1 ]; then
-  step "1. LM training fidelity (lm_fidelity.py)" "$T_LM" "$PY" benchmarks/lm_fidelity.py --teacher "$LM" $FID $DEV
-  step "2. LM step cost (lm_speed.py)" "$T_LM" "$PY" benchmarks/lm_speed.py --teacher "$LM" $SPD $DEV
+  step "1. LM training fidelity (lm_fidelity.py)" "$T_FID" "$PY" benchmarks/lm_fidelity.py --teacher "$LM" $FID $DEV
+  step "2. LM step cost (lm_speed.py)" "$T_SPD" "$PY" benchmarks/lm_speed.py --teacher "$LM" $SPD $DEV
 else
   say "LM steps 1 and 2 skipped: no LM teacher (set HPC_KD_LM_TEACHER to a causal LM folder, or convert the embedded one first: python -c 'from hpc_kd.models import embedded_decoder_dir as d; d()')"
   FAILED+=("1. LM training fidelity (skipped)" "2. LM step cost (skipped)")
