@@ -105,10 +105,10 @@ def test_launch_of_a_2_node_4_gpu_job_snapshot():
 # -- the run command --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [["hpc_kd.launch", "run"], ["hpc_kd.distributed"]], ids=["launch-run", "old-name"])
+@pytest.mark.parametrize("command", [["hpc_kd.launch", "run"], ["hpc_kd", "run"]], ids=["launch-run", "hpc-kd-run"])
 def test_run_command_refuses_a_bad_config(tiny_model, tmp_path, command):
-    """``python -m hpc_kd.launch run`` (and its deprecated old name, ``python -m hpc_kd.distributed``)
-    checks the sweep before anything starts: a bad value exits 2 with one line naming the key."""
+    """``python -m hpc_kd.launch run`` (and ``hpc-kd run``, here ``python -m hpc_kd run``) checks
+    the sweep before anything starts: a bad value exits 2 with one line naming the key."""
     sweep = write_yaml(tmp_path / "s.yaml", tiny_config(tiny_model, tmp_path / "out"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HPC_KD_NO_PROGRESS": "1"}
     out = subprocess.run([sys.executable, "-m", *command, str(sweep), "distill.policy=nope"], capture_output=True,
