@@ -275,6 +275,36 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ArchConfig:
+    """A fresh model of the teacher's family (random, seeded initialisation): sizes left null are the teacher's."""
+
+    #: width of the hidden states (null: the teacher's).
+    hidden_size: int | None = None
+    #: width of the feed-forward layers (null: the teacher's).
+    intermediate_size: int | None = None
+    #: attention heads, a divisor of hidden_size (null: the teacher's).
+    num_attention_heads: int | None = None
+    #: key / value heads (grouped-query attention), a divisor of num_attention_heads (null: the teacher's).
+    num_key_value_heads: int | None = None
+
+    def __post_init__(self):
+        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+            _at_least(self, key, 1)
+        check_sizes(self.hidden_size, self.num_attention_heads, self.num_key_value_heads)
+
+    def sizes(self) -> dict:
+        """The sizes that are set (what defines the model beside the teacher's family)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def check_sizes(hidden: int | None, heads: int | None, kv_heads: int | None) -> None:
+    if hidden is not None and heads is not None and hidden % heads:
+        raise ConfigError("num_attention_heads", f"{heads} heads do not divide hidden_size {hidden}")
+    if heads is not None and kv_heads is not None and heads % kv_heads:
+        raise ConfigError("num_key_value_heads", f"{kv_heads} key / value heads do not divide {heads} attention heads")
+
+
+@dataclass(frozen=True)
 class TeacherConfig:
     """The teacher: a pretrained encoder fine-tuned with cross-entropy."""
 
@@ -305,6 +335,12 @@ class TutorConfig:
     init_from: InitFrom = "teacher"
     #: seed of its initialisation and training.
     seed: int = 0
+    #: a causal LM's tutor: a pretrained decoder (hub name or local folder) that tokenises like the
+    #: teacher, loaded as it is (layers, init and init_from do not apply); null: built from the teacher.
+    pretrained: str | None = None
+    #: a causal LM's tutor: a fresh (seeded) model of the teacher's family with these sizes and
+    #: `layers` layers; null: layers of the teacher (see init).
+    config: ArchConfig | None = None
     #: its KD from the teacher; also the optimiser of an online / refresh tutor during TEID.
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -323,6 +359,12 @@ class StudentConfig:
     #: teacher: layers of the stage's (fine-tuned) teacher; pretrained: of the pretrained encoder
     #: the teacher started from, with a fresh head (e.g. first-k layers of bert-base-uncased)
     init_from: InitFrom = "teacher"
+    #: a causal LM's students: a pretrained decoder (hub name or local folder) that tokenises like
+    #: the teacher, loaded as it is, not pruned (one iteration: layers has one entry, unused).
+    pretrained: str | None = None
+    #: a causal LM's students: fresh (seeded) models of the teacher's family with these sizes,
+    #: `layers` deep (any size can be a grid axis: student.config.hidden_size); null: pruned copies.
+    config: ArchConfig | None = None
     #: the students' distillation (patience 5 by default, as in the paper's TEID).
     train: TrainConfig = field(default_factory=lambda: TrainConfig(patience=5))
 
@@ -474,11 +516,22 @@ class ExperimentConfig:
     def __post_init__(self):
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError("name", f"must be a plain folder name, got {self.name!r}")
-        if self.teacher.layers is not None:  # a pretrained model's own depth: checked at plan time
+        for key, section in (("tutor", self.tutor), ("student", self.student)):
+            if section.pretrained is not None and section.config is not None:
+                raise ConfigError(f"{key}.config", f"{key}.pretrained and {key}.config are two ways to build it: give one")
+            if (section.pretrained is not None or section.config is not None) and not self.data.lm:
+                raise ConfigError(f"{key}.pretrained" if section.pretrained else f"{key}.config",
+                                  "is for task causal_lm (a classifier's models are pruned copies of the teacher)")
+        if self.student.pretrained is not None and len(self.student.layers) > 1:
+            raise ConfigError("student.layers", "a pretrained student (student.pretrained) has one iteration: give one entry")
+        pruned = self.tutor.pretrained is None and self.tutor.config is None
+        if self.teacher.layers is not None and pruned:  # a pretrained model's own depth: checked at plan time
             check_tutor_depth(self.tutor.layers, self.teacher.layers)
+        # depth orders pruned copies; a model of another width or a pretrained one is not ordered by it
         chain = (self.tutor.layers, *self.student.layers)
-        for bigger, smaller in zip(chain, chain[1:]):
-            if smaller >= bigger:
+        students_pruned = self.student.pretrained is None and self.student.config is None
+        for i, (bigger, smaller) in enumerate(zip(chain, chain[1:])):
+            if (i > 0 or pruned) and students_pruned and smaller >= bigger:
                 raise ConfigError("student.layers", f"each student must be smaller than its tutor: got chain {list(chain)} (tutor first)")
 
     @property

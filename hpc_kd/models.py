@@ -166,14 +166,74 @@ def load_tokenizer(name: str, lm: bool = False):
     return AutoTokenizer.from_pretrained(resolve_pretrained(name, lm))
 
 
+def offline_tokenizer(name: str, lm: bool = False):
+    """A model's tokenizer when it can be had without fetching or converting anything (a local
+    folder, the embedded model once converted, a hub name in the local Hugging Face cache); else None."""
+    from transformers import AutoTokenizer
+
+    _quiet()
+    if name == EMBEDDED and lm:
+        folder = cache_home() / EMBEDDED_DECODER["folder"]
+        name = str(folder) if (folder / "tokenizer_config.json").is_file() else None
+    elif name == EMBEDDED or Path(name).expanduser().exists():
+        name = resolve_pretrained(name, lm)
+    if name is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def tokenizer_difference(a, b, names: tuple[str, str] = ("one", "the other")) -> str | None:
+    """Where two tokenizers stop tokenising the same way, or None: the first token whose id
+    differs, then the model's merges and settings (normaliser, pre-tokeniser), then the special tokens."""
+    import json
+
+    one, other = names
+
+    ids_a = {i: t for t, i in a.get_vocab().items()}
+    ids_b = {i: t for t, i in b.get_vocab().items()}
+    for i in range(max(len(ids_a), len(ids_b), max(ids_a, default=-1) + 1, max(ids_b, default=-1) + 1)):
+        if ids_a.get(i) != ids_b.get(i):
+            return f"token id {i} is {ids_a.get(i)!r} in {one} and {ids_b.get(i)!r} in {other}"
+    if getattr(a, "is_fast", False) and getattr(b, "is_fast", False):
+        ja, jb = json.loads(a.backend_tokenizer.to_str()), json.loads(b.backend_tokenizer.to_str())
+        merges_a, merges_b = ja["model"].get("merges") or [], jb["model"].get("merges") or []
+        for i, (x, y) in enumerate(zip(merges_a, merges_b)):
+            if x != y:
+                return f"merge {i} is {x!r} in {one} and {y!r} in {other}"
+        if len(merges_a) != len(merges_b):
+            return f"{len(merges_a)} merges in {one}, {len(merges_b)} in {other}"
+        for part in ("model", "normalizer", "pre_tokenizer"):
+            if ja.get(part) != jb.get(part):
+                return f"their {part} settings differ"
+    elif type(a) is not type(b):
+        return f"{type(a).__name__} in {one}, {type(b).__name__} in {other}"
+    specials_a, specials_b = a.special_tokens_map, b.special_tokens_map
+    for role in sorted(set(specials_a) | set(specials_b)):
+        if specials_a.get(role) != specials_b.get(role):
+            return f"the {role} is {specials_a.get(role)!r} in {one} and {specials_b.get(role)!r} in {other}"
+    return None
+
+
+def fit_vocab(model, tokenizer):
+    """``model`` without the embedding rows past its tokenizer's vocabulary (padding that some
+    checkpoints carry, different per model), so that every logit is a token: divergences,
+    policies and caches all work on the tokenizer's range."""
+    if model.get_input_embeddings().num_embeddings > len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return model
+
+
 def load_pretrained(name: str, num_labels: int, seed: int, lm: bool = False):
     """A pretrained encoder with a freshly initialised (seeded) classification head; with ``lm``
     a pretrained decoder as it is (its language-modelling head is what it fine-tunes)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     _quiet()
-    if lm:
-        return AutoModelForCausalLM.from_pretrained(resolve_pretrained(name, lm=True))
+    if lm:  # cut to its tokenizer's vocabulary (fit_vocab)
+        return fit_vocab(AutoModelForCausalLM.from_pretrained(resolve_pretrained(name, lm=True)), load_tokenizer(name, lm=True))
     model = AutoModelForSequenceClassification.from_pretrained(
         resolve_pretrained(name), num_labels=num_labels, ignore_mismatched_sizes=True)
     # Fresh even when the checkpoint already holds a classifier: a seeded re-initialisation.
@@ -241,6 +301,25 @@ def shrink(model, k: int, init: str, seed: int):
         target[name] = source[src].clone()
     small.load_state_dict(target)
     return small
+
+
+def fresh(config, k: int, sizes: dict, seed: int):
+    """A ``k``-layer model of ``config``'s family (a causal LM's) with ``sizes`` (hidden_size,
+    intermediate_size, num_attention_heads, num_key_value_heads) in place of its own, every
+    weight initialised afresh from ``seed``; the vocabulary is ``config``'s."""
+    from transformers import AutoModelForCausalLM
+
+    values = {**config.to_dict(), **sizes, "num_hidden_layers": k}
+    hidden, heads = values["hidden_size"], values["num_attention_heads"]
+    kv_heads = values.get("num_key_value_heads") or heads
+    if hidden % heads or heads % kv_heads:
+        raise ValueError(f"hidden_size {hidden}, {heads} attention heads and {kv_heads} key / value heads do not divide")
+    if "head_dim" in values:
+        values["head_dim"] = hidden // heads
+    if isinstance(values.get("layer_types"), list):  # per-layer kinds (sliding windows): the first k
+        values["layer_types"] = (values["layer_types"] * k)[:k]
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(type(config).from_dict(values))
 
 
 def param_count(model) -> int:

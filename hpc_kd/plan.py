@@ -86,10 +86,19 @@ def chain(cfg: ExperimentConfig) -> list[Stage]:
     def source(init_from: str, teacher: ModelRef):
         return teacher if init_from == "teacher" else cfg.teacher.pretrained
 
+    def built(section, layers: int) -> dict:
+        """How a tutor or student is made: a pretrained decoder as it is, a fresh model of the
+        teacher's family (sizes), or a pruned copy (layers chosen by init)."""
+        if section.pretrained is not None:
+            return {"init_from": section.pretrained, "layers": None, "init": "pretrained"}
+        if section.config is not None:
+            return {"init_from": teacher_ref, "layers": layers, "init": "random", "arch": section.config.sizes()}
+        return {"init_from": source(section.init_from, teacher_ref), "layers": layers, "init": section.init}
+
     loss_args = term_args(d) or None
-    tutor = Distill(cfg.data, teacher_ref, None, source(cfg.tutor.init_from, teacher_ref), cfg.tutor.layers, cfg.tutor.init, cfg.tutor.seed,
-                    cfg.tutor.train, "teacher", d.tau, d.alpha, d.loss, teacher_cache=cache_of(teacher_ref),
-                    loss_args=loss_args, role="tutor")
+    tutor = Distill(cfg.data, teacher_ref, None, seed=cfg.tutor.seed, **built(cfg.tutor, cfg.tutor.layers),
+                    train=cfg.tutor.train, policy="teacher", tau=d.tau, alpha=d.alpha, loss=d.loss,
+                    teacher_cache=cache_of(teacher_ref), loss_args=loss_args, role="tutor")
     stages.append(tutor)
     tutor_ref = ModelRef(tutor.key)
     mode = tutor_mode(cfg)
@@ -99,9 +108,8 @@ def chain(cfg: ExperimentConfig) -> list[Stage]:
         tutor_cache = (cache_of(tutor_ref, support=teacher_cache if cfg.data.lm else None)
                        if mode.cached(d.targets) else None)
         student = Distill(
-            cfg.data, teacher_ref, tutor_ref if mode.exists else None, source(cfg.student.init_from, teacher_ref),
-            depth, cfg.student.init, cfg.seed,
-            cfg.student.train, d.policy, d.tau, d.alpha, d.loss,
+            cfg.data, teacher_ref, tutor_ref if mode.exists else None, **built(cfg.student, depth), seed=cfg.seed,
+            train=cfg.student.train, policy=d.policy, tau=d.tau, alpha=d.alpha, loss=d.loss,
             tutor_update=mode.label,
             tutor_train=cfg.tutor.train if mode.learns else None,
             teacher_cache=teacher_cache, tutor_cache=tutor_cache, policy_args=policy_args(d) or None,
@@ -155,13 +163,35 @@ def check(cfg: ExperimentConfig, data_checked: set | None = None) -> ExperimentC
     pretrained = cfg.teacher.pretrained
     if looks_local(pretrained) and not Path(pretrained).expanduser().is_dir():
         raise ConfigError("teacher.pretrained", f"model folder not found: {pretrained}")
-    if cfg.teacher.layers is None and (depth := pretrained_depth(pretrained, data.lm)) is not None:
+    pruned_tutor = cfg.tutor.pretrained is None and cfg.tutor.config is None
+    if pruned_tutor and cfg.teacher.layers is None and (depth := pretrained_depth(pretrained, data.lm)) is not None:
         check_tutor_depth(cfg.tutor.layers, depth)
+    for key, name in (("tutor.pretrained", cfg.tutor.pretrained), ("student.pretrained", cfg.student.pretrained)):
+        if name is None:
+            continue
+        if looks_local(name) and not Path(name).expanduser().is_dir():
+            raise ConfigError(key, f"model folder not found: {name}")
+        if data_checked is None or ("tokenizer", pretrained, name) not in data_checked:
+            check_tokenizer(key, pretrained, name)
+            if data_checked is not None:
+                data_checked.add(("tokenizer", pretrained, name))
     if data.lm and d.targets == "cache" and d.sparse_targets == "top_k" \
             and (vocab := pretrained_vocab(pretrained, data.lm)) is not None and d.sparse_k > vocab:
         raise ConfigError("distill.sparse_k", f"top_k of {d.sparse_k} tokens, but the vocabulary of {pretrained} "
                                               f"has {vocab}; at most {vocab}")
     return cfg
+
+
+def check_tokenizer(key: str, teacher: str, name: str) -> None:
+    """Teacher, tutor and students must tokenise the same way (one vocabulary, the same ids and
+    logits): refuse ``name`` (at ``key``) if its tokenizer differs from the teacher's. A tokenizer
+    that cannot be read offline (a hub name not in the local cache, the embedded SmolLM2 not yet
+    converted) is checked when its stage starts."""
+    from .models import offline_tokenizer, tokenizer_difference
+
+    ours, theirs = offline_tokenizer(name, lm=True), offline_tokenizer(teacher, lm=True)
+    if ours is not None and theirs is not None and (diff := tokenizer_difference(ours, theirs, (name, teacher))):
+        raise ConfigError(key, f"{name} does not tokenise like the teacher {teacher}: {diff}")
 
 
 def experiment(data: dict, data_checked: set | None = None) -> ExperimentConfig:

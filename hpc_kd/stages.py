@@ -46,7 +46,7 @@ def _without_execution(settings: dict) -> dict:
 
 
 #: stage fields added after schema 2, left out of a signature at their default (as below)
-LATER_FIELDS = {"loss_args": None, "sparse": None, "support": None}
+LATER_FIELDS = {"loss_args": None, "sparse": None, "support": None, "arch": None}
 #: data keys added after schema 2, left out of a signature at their default, so that runs from
 #: before them are still found (an explicit metric equal to the task's default is the default).
 LATER_DATA_KEYS = {"task": "classification", "text_pair_column": None, "also_evaluate": [], "metric": None}
@@ -313,7 +313,8 @@ class Distill(Stage):
     teacher: ModelRef
     tutor: ModelRef | None
     init_from: ModelRef | str
-    layers: int
+    #: its depth; None: ``init_from`` is a pretrained decoder taken as it is (not pruned)
+    layers: int | None
     init: str
     seed: int
     train: TrainConfig
@@ -329,12 +330,18 @@ class Distill(Stage):
     policy_args: dict | None = None
     #: the distillation term's parameters (None: it has none; then left out of the signature)
     loss_args: dict | None = None
+    #: a fresh model of ``init_from``'s family with these sizes (models.fresh); None: see ``layers``
+    arch: dict | None = None
     role: str = "student"
     iteration: int = 0
     kind = "distill"
 
     @property
     def depth(self):
+        if self.layers is None:  # a pretrained decoder as it is: its own depth, where it can be read offline
+            from .models import pretrained_depth
+
+            return pretrained_depth(self.init_from, lm=True)
         return self.layers
 
     def inputs(self):
@@ -350,7 +357,7 @@ class Distill(Stage):
 
     def execute(self, root, run, run_cfg, on_step):
         from .data import Dataset
-        from .models import load_classifier, load_pretrained, load_tokenizer, param_count, shrink
+        from .models import depth, load_classifier, load_pretrained, load_tokenizer, param_count
         from .policies import make_policy
         from .sources import CachedLogits, FrozenModel, OnlineTutor, RefreshTutor, TutorMode
         from .step import Task
@@ -358,11 +365,7 @@ class Distill(Stage):
         device = _device(run_cfg)
         tokenizer = load_tokenizer(str(self.teacher.path(root)))
         dataset = Dataset.build(self.data, tokenizer)
-        if isinstance(self.init_from, ModelRef):
-            source = load_classifier(self.init_from.path(root))
-        else:
-            source = load_pretrained(self.init_from, self.data.num_labels, self.seed, lm=self.data.lm)
-        student = shrink(source, self.layers, self.init, self.seed)
+        student = self._build(root, tokenizer)
         if self.teacher_cache is not None:
             teacher = CachedLogits(self.teacher_cache.load(root, dataset, run_cfg), device)
         else:
@@ -385,10 +388,34 @@ class Distill(Stage):
             trainer.reference = (teacher.model if isinstance(teacher, FrozenModel)
                                  else FrozenModel(load_classifier(self.teacher.path(root)).to(device)).model)
         result = trainer.fit()
-        result.update({"params": param_count(student), "policy": self.policy, "targets": "cache" if self.teacher_cache else "live", "seed": self.seed,
+        result.update({"params": param_count(student), "layers": depth(student), "policy": self.policy, "targets": "cache" if self.teacher_cache else "live", "seed": self.seed,
                        "tutor_update": self.tutor_update, "iteration": self.iteration,
                        "data_fingerprints": dataset.fingerprints})
         return result
+
+    def _build(self, root: Path, tokenizer):
+        """The model this stage trains: a pruned copy of ``init_from``, a fresh one of its family
+        (``arch``), or a pretrained decoder as it is (``layers`` None), which must tokenise like
+        the teacher (checked at plan time where its tokenizer could be read offline, else here)."""
+        from transformers import AutoConfig
+
+        from .models import (fit_vocab, fresh, load_classifier, load_pretrained, load_tokenizer, resolve_pretrained,
+                             shrink, tokenizer_difference)
+
+        if self.arch is not None:
+            family = AutoConfig.from_pretrained(self.init_from.path(root) if isinstance(self.init_from, ModelRef)
+                                                else resolve_pretrained(self.init_from, lm=True))
+            return fit_vocab(fresh(family, self.layers, self.arch, self.seed), tokenizer)
+        if self.layers is None:
+            if (diff := tokenizer_difference(load_tokenizer(self.init_from, lm=True), tokenizer,
+                                             (self.init_from, "the teacher"))) is not None:
+                raise ValueError(f"{self.init_from} does not tokenise like the teacher ({self.teacher.stage}): {diff}")
+            return load_pretrained(self.init_from, self.data.num_labels, self.seed, lm=True)
+        if isinstance(self.init_from, ModelRef):
+            source = load_classifier(self.init_from.path(root))
+        else:
+            source = load_pretrained(self.init_from, self.data.num_labels, self.seed, lm=self.data.lm)
+        return shrink(source, self.layers, self.init, self.seed)
 
     def _refresher(self, run: RunDir, tutor_model, dataset, run_cfg: RunConfig):
         """For ``tutor_update: refresh``: a function epoch -> the tutor's logit cache for that
