@@ -11,7 +11,7 @@ import torch
 
 from hpc_kd.config import ConfigError
 from hpc_kd.models import load_tokenizer, tokenizer_difference
-from hpc_kd.plan import experiment
+from hpc_kd.plan import build_plan, expand, experiment
 
 from .conftest import (build_tiny_decoder, interrupt_and_resume, make_plan, run_plan, strip_times, tiny_config,
                        write_yaml)
@@ -95,8 +95,11 @@ def test_how_a_model_is_built_is_its_signature(decoders, tmp_path):
     plan = make_plan(teacher, tmp_path, **sections(teacher, student={"config": WIDE}))
     student = list(plan.stages.values())[-1]
     assert student.arch == WIDE and student.layers == 2 and student.init == "random"
-    keys = {make_plan(teacher, tmp_path, **sections(teacher, student={"config": {**WIDE, "hidden_size": h}})).cells[0].chain[-1]
-            for h in (48, 64)}
+    grid = {**tiny_config(teacher, tmp_path, **sections(teacher, student={"config": WIDE})),
+            "grid": {"student.config.hidden_size": [48, 64]}}
+    cells, axes = expand(grid)
+    assert axes == ("student.config.hidden_size",) and [c.student.config.hidden_size for _, c in cells] == [48, 64]
+    keys = {cell.chain[-1] for cell in build_plan(cells).cells}
     pruned = make_plan(teacher, tmp_path, **sections(teacher)).cells[0].chain[-1]
     assert len(keys | {pruned}) == 3
     plan = make_plan(teacher, tmp_path, **sections(teacher, tutor={"pretrained": str(decoders["small"])}))
