@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -95,22 +94,8 @@ def main():
         trainers[key] = Trainer(RunDir(tmp / f"run_{key}"), copy.deepcopy(student0), tok, dataset, make(), cfg, seed=0,
                                 device=device)
     batches = train_batches(train.lengths, cfg.batch_size, seed=0, epoch=0)
-    per_step = {k: [] for k in modes}
-    cursor = 0
-    for round_ in range(args.rounds + 1):  # round 0 warms up
-        for key, trainer in trainers.items():
-            chunk = [batches[(cursor + i) % len(batches)] for i in range(args.steps)]
-            bench.sync(device)
-            t0 = time.perf_counter()
-            with bench.autocast(device, args.dtype):
-                for index in chunk:
-                    trainer._train_step(index)
-                    trainer.p.step += 1  # as the loop counts (the tutor's rate is its schedule at this step)
-            bench.sync(device)
-            if round_ > 0:
-                per_step[key].append((time.perf_counter() - t0) / args.steps)
-        cursor += args.steps
-    med = {k: statistics.median(v) for k, v in per_step.items()}
+    med = bench.time_modes(trainers, lambda r: [batches[(r * args.steps + i) % len(batches)] for i in range(args.steps)],
+                           args.rounds, device, args.dtype)
 
     # Cache I/O: open + validate + look up every batch of one epoch.
     folder, prod = caches["teacher"]

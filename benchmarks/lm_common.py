@@ -141,3 +141,26 @@ def cache_bytes(cache) -> int:
 def tokens_of(encoded) -> int:
     """Predicted tokens of a split (a sequence of n tokens predicts n − 1)."""
     return int(np.maximum(encoded.lengths - 1, 0).sum())
+
+
+def time_modes(trainers: dict, chunk_of, rounds: int, device: str, dtype: str) -> dict:
+    """Median seconds per step of each trainer (mode), the modes interleaved round-robin so that
+    drift hits all alike: in round r every trainer takes the batches ``chunk_of(r)`` (round 0 warms
+    up and is not counted)."""
+    import statistics
+    import time
+
+    per_step = {key: [] for key in trainers}
+    for round_ in range(rounds + 1):
+        chunk = chunk_of(round_)
+        for key, trainer in trainers.items():
+            sync(device)
+            t0 = time.perf_counter()
+            with autocast(device, dtype):
+                for index in chunk:
+                    trainer._train_step(index)
+                    trainer.p.step += 1  # as the loop counts (the tutor's rate is its schedule at this step)
+            sync(device)
+            if round_ > 0:
+                per_step[key].append((time.perf_counter() - t0) / len(chunk))
+    return {key: statistics.median(v) for key, v in per_step.items()}

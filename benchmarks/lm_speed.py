@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import tempfile
 import time
@@ -108,20 +107,7 @@ def main(argv=None) -> int:
     trainers = {key: Trainer(RunDir(tmp / f"run_{key}"), copy.deepcopy(student0), tok, dataset, make(), cfg, seed=0,
                              device=device) for key, (_, make) in modes.items()}
     batches = trainers["a"]._batches(0)
-    per_step = {k: [] for k in modes}
-    for round_ in range(args.rounds + 1):  # round 0 warms up
-        chunk = batches[round_ * args.steps:(round_ + 1) * args.steps]
-        for key, trainer in trainers.items():
-            lm.sync(device)
-            t0 = time.perf_counter()
-            with lm.autocast(device, args.dtype):
-                for index in chunk:
-                    trainer._train_step(index)
-                    trainer.p.step += 1  # as the loop counts (the tutor's rate is its schedule at this step)
-            lm.sync(device)
-            if round_ > 0:
-                per_step[key].append((time.perf_counter() - t0) / len(chunk))
-    med = {k: statistics.median(v) for k, v in per_step.items()}
+    med = lm.time_modes(trainers, lambda r: batches[r * args.steps:(r + 1) * args.steps], args.rounds, device, args.dtype)
 
     print(f"# {lm.machine(device)}; {args.dtype}")
     print(f"# teacher {args.teacher} ({teacher.config.num_hidden_layers} layers, vocabulary {vocab}), tutor "
