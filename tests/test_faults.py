@@ -62,10 +62,10 @@ def test_a_local_worker_dies_with_its_controller_and_the_relaunch_trains_alone(t
 
     from hpc_kd.executors import StageJob
 
-    # a teacher of 2,000 steps that does not stop early: it cannot finish in the seconds `cancel`
-    # takes to start, on any machine
+    # a teacher of 600 steps that does not stop early: it is killed at its 10th, seconds before it
+    # could finish on any machine
     sections = dict(data={"max_train_examples": 400},
-                    teacher={"train": {"lr": 1e-3, "batch_size": 8, "epochs": 40, "patience": 40}},
+                    teacher={"train": {"lr": 1e-3, "batch_size": 8, "epochs": 12, "patience": 12}},
                     run={"progress": False, "checkpoint_every": 5, "log_every": 5, "threads": 1})
     plan = make_plan(tiny_model, tmp_path / "killed", **sections)
     teacher = next(iter(plan.stages.values()))
@@ -196,7 +196,7 @@ def test_a_resumed_run_keeps_its_thread_count(tiny_model, tmp_path):
 
 
 def test_options_and_overrides_mix_and_a_launch_that_starts_nothing_leaves_no_folder(tiny_model, tmp_path, capsys):
-    cfg = tiny_config(tiny_model, tmp_path / "out")
+    cfg = tiny_config(tiny_model, tmp_path / "out", distill={"policy": "teacher"})
     sweep = write_yaml(tmp_path / "s.yaml", cfg)
     root = tmp_path / "out" / cfg["name"]
     assert launch.main([str(sweep), "--jobs", "1", "run.threads=1", "--executor", "local", "seed=0"]) == 0
