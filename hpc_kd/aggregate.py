@@ -19,10 +19,11 @@ from .status import State, ordered, stage_states
 
 COLUMNS = ["role", "depth", "iteration", "chain", "policy", "seed", "tutor_update", "metric", "test_score",
            "test_acc", "test_macro_f1", "test_nll", "val_score", "val_acc", "val_macro_f1", "val_nll", "val_ppl",
-           "agreement", "teacher_share", "teacher_batches", "collapsed", "params", "state", "run"]
+           "test_choice_acc", "val_choice_acc", "agreement", "teacher_share", "teacher_batches", "collapsed", "params", "state", "run"]
 #: ``test_score`` / ``val_score`` are the task's metric (``metric``; a language model's is −token
 #: NLL, and its rows show ``*_nll``, validation perplexity and top-1 agreement with the teacher, with
-#: ``collapsed`` its degenerate flag); a run's further evaluated
+#: ``collapsed`` its degenerate flag, and with ``data.choices`` ``*_choice_acc``, its choice
+#: accuracy); a run's further evaluated
 #: splits (``data.also_evaluate``) add ``<split>_score``. A sweep over ``data.name`` has a ``task``
 #: column.
 
@@ -63,6 +64,7 @@ def _fill(row: dict, res: dict) -> None:
             row[f"{prefix}_acc"] = res[split].get("accuracy")
             row[f"{prefix}_macro_f1"] = res[split].get("macro_f1")
             row[f"{prefix}_nll"] = res[split].get("token_nll")
+            row[f"{prefix}_choice_acc"] = res[split].get("choice_accuracy")
             for part, name in COMPONENTS.get(res[split].get("metric"), ()):  # a combined metric's parts
                 row[f"{prefix}_{name}"] = res[split].get(part)
     row["val_ppl"] = res["validation"].get("perplexity")

@@ -28,7 +28,7 @@ from .rundir import read_json, write_json
 
 CACHE_SCHEMA = 1
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
-                   "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+                   "merges.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja")
 
 
 class CacheError(RuntimeError):
@@ -277,9 +277,10 @@ class LogitCache:
 #                             ids: fixed_size_binary[k x w], log_probs: fixed_size_binary[k x b],
 #                             tail: float32 (log8: uint8); zstd
 #
-# One row per predicted token (position t of a sequence predicts token t + 1), sorted by
-# (example_id, position), so a row's position is its rank within its sequence; a sequence never
-# spans two shards. Within a row the k entries are sorted by token id and the ids stored as
+# One row per learnt token (position t of a sequence predicts token t + 1; chat data: only the
+# positions before an assistant token, hpc_kd.data.Encoded.positions), sorted by (example_id,
+# position), so a row's position is known from its rank within its sequence and the data (which the
+# producer fingerprint pins); a sequence never spans two shards. Within a row the k entries are sorted by token id and the ids stored as
 # differences from the previous one (the first from 0) in w = 2 bytes (a vocabulary up to 65,536)
 # or 4, all low bytes first, then the high ones: small differences with constant high bytes, which
 # zstd packs to about 9 bits an id. The log-probabilities follow in the same order, b bytes each
@@ -391,7 +392,7 @@ def sparse_rows(model, encoded, rows: np.ndarray, sparse: dict, device, batch_si
     gen = torch.Generator().manual_seed(seed)
     per_seq = {}
     lengths = np.array([len(encoded.tokens[r]) for r in rows])
-    predicted = np.maximum(lengths - 1, 0)  # position t predicts token t + 1
+    positions = [encoded.positions(r) for r in rows]  # the learnt ones: position t predicts token t + 1
     vocab = model.get_output_embeddings().out_features
     for local in eval_batches(lengths, batch_size):
         batch = {k: v.to(device) for k, v in encoded.collate(rows[local]).items()}
@@ -403,10 +404,10 @@ def sparse_rows(model, encoded, rows: np.ndarray, sparse: dict, device, batch_si
         else:
             t = sampled(z, sparse["k"], sparse["tau"], gen)
         for j, i in enumerate(local):
-            n = predicted[i]
-            per_seq[i] = (t.ids[j, :n], t.log_probs[j, :n], t.tail[j, :n])
+            at = torch.from_numpy(positions[i])
+            per_seq[i] = (t.ids[j, at], t.log_probs[j, at], t.tail[j, at])
     flat = SparseTargets(*(torch.cat([per_seq[i][c] for i in range(len(rows))]) for c in range(3)))
-    return sparse_table(np.repeat(encoded.ids[rows], predicted), flat, sparse["precision"], vocab)
+    return sparse_table(np.repeat(encoded.ids[rows], [len(p) for p in positions]), flat, sparse["precision"], vocab)
 
 
 @torch.no_grad()
@@ -427,14 +428,17 @@ class SparseLogitCache:
     """Validated sparse targets, looked up by example id as :class:`hpc_kd.sparse.SparseTargets`
     padded to a batch's width."""
 
-    def __init__(self, starts: dict, table: dict, manifest: dict):
-        self.starts, self.table, self.manifest = starts, table, manifest
+    def __init__(self, starts: dict, table: dict, manifest: dict, positions: dict | None = None):
+        self.starts, self.table, self.manifest, self.positions = starts, table, manifest, positions
         self.precision = manifest["sparse"]["precision"]
 
     @classmethod
-    def open(cls, folder: Path, expected: dict, ids: np.ndarray, sparse: dict, vocab: int | None = None) -> "SparseLogitCache":
+    def open(cls, folder: Path, expected: dict, ids: np.ndarray, sparse: dict, vocab: int | None = None,
+             positions: dict | None = None) -> "SparseLogitCache":
         """Read and check a cache (:func:`_checked_table`, then every value: ids in
-        [0, ``vocab``), the vocabulary the caller trains with, default the manifest's)."""
+        [0, ``vocab``), the vocabulary the caller trains with, default the manifest's). With
+        ``positions`` (example id -> the learnt positions of chat data, Encoded.positions), every
+        sequence must hold exactly one row per learnt position; without, rows are positions 0, 1, ..."""
         folder = Path(folder)
         manifest, table = _checked_table(folder, expected, sparse)
         example = table.column("example_id").to_numpy()
@@ -456,7 +460,13 @@ class SparseLogitCache:
             raise CacheError(f"{folder}: shards do not hold {sparse} targets ({type(err).__name__}: {err})") from None
         _check_values(folder, tok, logp, tail, int(manifest["num_labels"]))
         cols = {"ids": tok, "log_probs": logp, "tail": tail}
-        return cls({int(i): (int(s), int(c)) for i, s, c in zip(uniq, start, count)}, cols, manifest)
+        starts = {int(i): (int(s), int(c)) for i, s, c in zip(uniq, start, count)}
+        if positions is not None:
+            for ex, at in positions.items():
+                if ex in starts and starts[ex][1] != len(at):
+                    raise CacheError(f"{folder}: sequence {ex} has {starts[ex][1]} cached targets, the data {len(at)} "
+                                     f"learnt positions")
+        return cls(starts, cols, manifest, positions)
 
     def targets(self, example_ids: torch.Tensor, width: int):
         """The targets of a batch whose sequences are ``width`` tokens wide: [B, width − 1, k]
@@ -470,8 +480,16 @@ class SparseLogitCache:
         tail = torch.full((b, width - 1), -torch.inf)
         for row, ex in enumerate(example_ids.tolist()):
             start, count = self.starts[int(ex)]
-            n = min(count, width - 1)
-            ids[row, :n] = self.table["ids"][start:start + n]
-            logp[row, :n] = self.table["log_probs"][start:start + n]
-            tail[row, :n] = self.table["tail"][start:start + n]
+            if self.positions is None:
+                n = min(count, width - 1)
+                ids[row, :n] = self.table["ids"][start:start + n]
+                logp[row, :n] = self.table["log_probs"][start:start + n]
+                tail[row, :n] = self.table["tail"][start:start + n]
+                continue
+            at = torch.from_numpy(self.positions[int(ex)])
+            keep = at < width - 1
+            rows = torch.arange(start, start + count)[keep]
+            ids[row, at[keep]] = self.table["ids"][rows]
+            logp[row, at[keep]] = self.table["log_probs"][rows]
+            tail[row, at[keep]] = self.table["tail"][rows]
         return SparseTargets(ids, logp, tail, self.precision)

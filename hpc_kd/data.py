@@ -14,24 +14,36 @@ A pair task (``data.text_pair_column``) has a second text per example, tokenised
 one pair (with token type ids where the tokenizer makes them). A regression task
 (``num_labels: 1``) has real-valued labels (float64 here, float32 in batches).
 
+A language model's rows are documents (``data.format: text``, every token learnt) or
+conversations (``chat``: a list of ``{role, content}``; ``prompt_response``: a one-turn chat).
+A conversation is kept in its split as canonical JSON, rendered with the tokenizer's chat template
+(or ``data.chat_template``), and only the assistant's tokens are targets (:func:`render`): the
+loss, every divergence, the cache and the evaluation see those tokens only.
+
 Tokenisation keeps unpadded token ids; batches are grouped by length and padded per batch.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import ConfigError, DataConfig
+from .config import EMBEDDED_CHOICES, ConfigError, DataConfig
+
+#: the roles of a conversation's messages
+ROLES = ("system", "user", "assistant")
+#: the embedded chat corpus: the user's question before each review
+EMBEDDED_QUESTION = "What is the sentiment of this movie review? Answer negative or positive.\n\n"
 
 @dataclass(frozen=True)
 class Split:
     ids: np.ndarray  # int64, unique
-    texts: list[str]
-    labels: np.ndarray  # int64 classes, or float64 for regression
+    texts: list[str]  # chat data: each conversation as canonical JSON (a list of {role, content})
+    labels: np.ndarray  # int64 classes (chat with data.choices: the gold choice), or float64 for regression
     pairs: list[str] | None = None  # a pair task's second texts
 
     def __len__(self):
@@ -79,6 +91,12 @@ def _load_embedded(cfg: DataConfig) -> dict[str, Split]:
     labels = frame["label"].to_numpy(dtype=np.int64) if not cfg.lm else np.zeros(len(frame), dtype=np.int64)
     bucket = np.array([int(hashlib.sha1(t.encode("utf-8")).hexdigest()[:8], 16) % 10 for t in texts])
     masks = {"train": bucket < 8, "validation": bucket == 8, "test": bucket == 9}
+    if cfg.chat:  # the user asks for the review's sentiment, the assistant answers it
+        labels = frame["label"].to_numpy(dtype=np.int64)
+        texts = [conversation_json([{"role": "user", "content": EMBEDDED_QUESTION + t},
+                                    {"role": "assistant", "content": EMBEDDED_CHOICES[y]}]) for t, y in zip(texts, labels)]
+        if cfg.choices is None:
+            labels = np.zeros(len(frame), dtype=np.int64)
     return {name: Split(ids[m], [t for t, keep in zip(texts, m) if keep], labels[m]) for name, m in masks.items()}
 
 
@@ -173,10 +191,95 @@ def _ids(values: list, column: str, where: str) -> np.ndarray:
     return out
 
 
+def conversation_json(messages: list[dict]) -> str:
+    """A conversation as the canonical JSON a chat split keeps (and fingerprints)."""
+    return json.dumps([{"role": m["role"], "content": m["content"]} for m in messages], ensure_ascii=False)
+
+
+def _conversation(value, where: str, i: int, key: str) -> list[dict]:
+    """One row's ``messages`` checked: a list of {role, content} pairs with known roles, a user
+    turn before the first assistant turn, and at least one assistant turn, none of them empty."""
+    if isinstance(value, str):  # a CSV (or a string column) holding the list as JSON
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(key, f"{_row(where, i)}: not a JSON list of {{role, content}} messages") from None
+    if isinstance(value, np.ndarray):  # parquet's lists
+        value = value.tolist()
+    if not isinstance(value, list) or not value:
+        raise ConfigError(key, f"{_row(where, i)}: expected a non-empty list of {{role, content}} messages, "
+                               f"got {type(value).__name__}")
+    out = []
+    for j, message in enumerate(value):
+        if not isinstance(message, dict) or set(message) != {"role", "content"} or not all(
+                isinstance(message[k], str) for k in ("role", "content")):
+            raise ConfigError(key, f"{_row(where, i)}: message {j + 1} is not a {{role, content}} pair of strings: "
+                                   f"{str(message)[:80]}")
+        if message["role"] not in ROLES:
+            raise ConfigError(key, f"{_row(where, i)}: message {j + 1} has role {message['role']!r}; allowed: "
+                                   f"{', '.join(ROLES)}")
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise ConfigError(key, f"{_row(where, i)}: message {j + 1}, the assistant's, is empty: an empty "
+                                   f"response teaches nothing")
+        out.append({"role": message["role"], "content": message["content"]})
+    roles = [m["role"] for m in out]
+    if "assistant" not in roles:
+        raise ConfigError(key, f"{_row(where, i)}: no assistant turn, so nothing to learn")
+    if "user" not in roles[:roles.index("assistant")]:
+        raise ConfigError(key, f"{_row(where, i)}: the first assistant turn (message {roles.index('assistant') + 1}) "
+                               f"has no user turn before it")
+    return out
+
+
+def _conversations(frame, cfg: DataConfig, where: str) -> list[str]:
+    """A chat or prompt_response frame's rows as canonical conversation JSON (checked row by row)."""
+    if cfg.format == "chat":
+        key = f"data.messages_column ({cfg.messages_column!r})"
+        out = []
+        for i, value in enumerate(frame[cfg.messages_column].tolist()):
+            messages = _conversation(value, where, i, key)
+            if cfg.choices is not None and messages[-1]["role"] != "assistant":
+                raise ConfigError(key, f"{_row(where, i)}: data.choices replace the last turn, which must be the "
+                                       f"assistant's (it is the {messages[-1]['role']}'s)")
+            out.append(conversation_json(messages))
+        return out
+    out = []
+    prompts, responses = frame[cfg.prompt_column].tolist(), frame[cfg.response_column].tolist()
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        for key, column, text in (("prompt_column", cfg.prompt_column, prompt), ("response_column", cfg.response_column, response)):
+            if not isinstance(text, str) or not text.strip():
+                raise ConfigError(f"data.{key} ({column!r})", f"{_row(where, i)}: the {key.split('_')[0]} is empty")
+        out.append(conversation_json([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]))
+    return out
+
+
+def _gold(values, cfg: DataConfig, where: str) -> np.ndarray:
+    """Chat data's gold answers for data.choices: an index into the choices, or a choice itself."""
+    key = f"data.label_column ({cfg.label_column!r})"
+    out = np.empty(len(values), dtype=np.int64)
+    for i, value in enumerate(values):
+        if isinstance(value, str) and value in cfg.choices:
+            out[i] = cfg.choices.index(value)
+            continue
+        text = value.strip() if isinstance(value, str) else value
+        if isinstance(text, str) and text.lstrip("+-").isdigit():
+            text = int(text)
+        if isinstance(text, (bool, np.bool_)) or not isinstance(text, (int, np.integer)) or not 0 <= text < len(cfg.choices):
+            raise ConfigError(key, f"{_row(where, i)}: gold answer {value!r} is neither one of data.choices "
+                                   f"({', '.join(cfg.choices)}) nor an index into them")
+        out[i] = int(text)
+    return out
+
+
 def _from_frame(frame, cfg: DataConfig, where: str) -> Split:
     label_column = None if cfg.lm else cfg.label_column  # a language model's corpus has no labels
-    for key, column in (("text_column", cfg.text_column), ("text_pair_column", cfg.text_pair_column),
-                        ("label_column", label_column)):
+    if cfg.choices is not None:
+        label_column = cfg.label_column  # ... but chat data with choices has gold answers
+    text_column = cfg.text_column if not cfg.chat else None
+    rows = {"chat": (("messages_column", cfg.messages_column),),
+            "prompt_response": (("prompt_column", cfg.prompt_column), ("response_column", cfg.response_column))}
+    for key, column in (("text_column", text_column), ("text_pair_column", cfg.text_pair_column),
+                        ("label_column", label_column), *rows.get(cfg.format, ())):
         if column is not None and column not in frame.columns:
             raise ConfigError(f"data.{key}", f"column {column!r} not in {where}; columns: {', '.join(map(str, frame.columns))}")
     if len(frame) == 0:
@@ -185,6 +288,11 @@ def _from_frame(frame, cfg: DataConfig, where: str) -> Split:
     ids = _ids(frame[id_column].tolist(), id_column, where) if id_column else np.arange(len(frame), dtype=np.int64)
     if len(np.unique(ids)) != len(ids):
         raise ConfigError("data", f"example ids in {where} are not unique")
+    if cfg.chat:
+        labels = np.zeros(len(frame), dtype=np.int64)
+        if cfg.choices is not None:
+            labels = _gold(frame[cfg.label_column].tolist(), cfg, where)
+        return Split(ids, _conversations(frame, cfg, where), labels)
     columns = {"text_column": cfg.text_column, "text_pair_column": cfg.text_pair_column}
     texts = {key: frame[column].tolist() for key, column in columns.items() if column is not None}
     for key, values in texts.items():
@@ -316,9 +424,26 @@ class Encoded:
     pad_id: int
     types: list[np.ndarray] | None = None
     lm: bool = False  # a language model's sequences: the labels are the tokens themselves
+    #: chat data: per sequence, which tokens are learnt (the assistant's); None: every token
+    targets: list[np.ndarray] | None = None
+    #: chat data with data.choices: every example once per choice (example-major), the choice as
+    #: the last assistant turn and its tokens the only targets (:func:`hpc_kd.loop.choice_accuracy`)
+    choices: "Encoded | None" = None
+    #: rows that did not fit in max_length with their response whole (dropped)
+    dropped: int = 0
+    #: the answers of a :attr:`choices` set per example
+    answers: int = 0
 
     def __len__(self):
         return len(self.tokens)
+
+    def positions(self, i: int) -> np.ndarray:
+        """The positions of sequence ``i`` whose next token is learnt (position t predicts token
+        t + 1): every one but the last for a document, those before an assistant token for chat."""
+        n = len(self.tokens[i])
+        if self.targets is None:
+            return np.arange(max(n - 1, 0))
+        return np.flatnonzero(self.targets[i][1:])
 
     @property
     def lengths(self) -> np.ndarray:
@@ -337,8 +462,13 @@ class Encoded:
             if types is not None:
                 types[row, : len(tokens)] = self.types[i]
         labels = self.labels[index]
-        if self.lm:  # next-token targets: the tokens, -100 (ignored) on padding
-            labels = np.where(mask == 1, input_ids, -100)
+        if self.lm:  # next-token targets: the tokens, -100 (ignored) on padding and on what is not learnt
+            learnt = mask == 1
+            if self.targets is not None:
+                learnt = np.zeros_like(learnt)
+                for row, i in enumerate(index):
+                    learnt[row, : len(self.targets[i])] = self.targets[i]
+            labels = np.where(learnt, input_ids, -100)
         batch = {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(mask),
@@ -363,6 +493,100 @@ def encode(split: Split, tokenizer, max_length: int, lm: bool = False) -> Encode
     if split.pairs is not None and "token_type_ids" in out:
         types = [np.asarray(t, dtype=np.int64) for t in out["token_type_ids"]]
     return Encoded(split.ids, tokens, split.labels, int(tokenizer.pad_token_id or 0), types, lm)
+
+
+def _template(tokenizer, cfg: DataConfig) -> str:
+    template = cfg.chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ConfigError("data.chat_template", f"the tokenizer ({getattr(tokenizer, 'name_or_path', '?')}) has no chat "
+                                                f"template to render conversations with; give one (a Jinja template) "
+                                                f"in data.chat_template")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError("data.format", "chat data needs a fast tokenizer (one with a tokenizer.json): the assistant's "
+                                         "tokens are found by their character offsets")
+    return template
+
+
+def render(tokenizer, messages: list[dict], template: str, last_only: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """A conversation rendered with ``template``, and the character spans of its assistant turns
+    (of the last one only, with ``last_only``): from where the template's generation prompt ends to
+    the end of the turn as the template writes it (its end-of-turn token included), trailing
+    whitespace excluded. The template must render each turn as a prefix of the whole."""
+    def text(upto: list[dict], prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(upto, tokenize=False, add_generation_prompt=prompt, chat_template=template)
+
+    full = text(messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or (last_only and i != len(messages) - 1):
+            continue
+        before, upto = text(messages[:i], prompt=True), text(messages[: i + 1])
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise ConfigError("data.chat_template", "the chat template does not render a conversation's turns as "
+                                                    "prefixes of the whole (the assistant's tokens cannot be found)")
+        spans.append((len(before), len(upto.rstrip())))
+    return full, spans
+
+
+def encode_chat(conversations: list[list[dict]], tokenizer, template: str, max_length: int,
+                last_only: bool = False) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
+    """Tokens and target masks (the assistant's tokens: a token counts when its characters
+    overlap an assistant span of :func:`render`) per conversation. A conversation longer than
+    ``max_length`` loses tokens from the left (its prompt) as long as every target keeps a token
+    before it; one whose response cannot fit so is None in both lists."""
+    rendered = [render(tokenizer, c, template, last_only) for c in conversations]
+    out = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    tokens, targets = [], []
+    for ids, offsets, (_, spans) in zip(out["input_ids"], out["offset_mapping"], rendered):
+        ids = np.asarray(ids, dtype=np.int64)
+        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        learnt = np.zeros(len(ids), dtype=bool)
+        for start, end in spans:
+            learnt |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+        cut = len(ids) - max_length
+        if cut > 0:
+            first = int(np.argmax(learnt)) if learnt.any() else len(ids)
+            if first - cut < 1:  # the response (or the one token before it) would be cut
+                tokens.append(None)
+                targets.append(None)
+                continue
+            ids, learnt = ids[cut:], learnt[cut:]
+        tokens.append(ids)
+        targets.append(learnt)
+    return tokens, targets
+
+
+def _encode_conversations(split: Split, tokenizer, cfg: DataConfig, where: str) -> Encoded:
+    """:func:`encode` for chat data: rows whose response cannot fit are dropped (counted in
+    ``dropped``) or, with ``data.overlong: refuse``, refused; with ``data.choices``, every kept
+    example again once per choice (:attr:`Encoded.choices`)."""
+    template = _template(tokenizer, cfg)
+    conversations = [json.loads(t) for t in split.texts]
+    tokens, targets = encode_chat(conversations, tokenizer, template, cfg.max_length)
+    keep = np.array([t is not None for t in tokens], dtype=bool)
+    if not keep.all() and cfg.overlong == "refuse":
+        i = int(np.argmin(keep))
+        raise ConfigError("data.max_length", f"{where}, example {int(split.ids[i])}: its response does not fit in "
+                                             f"{cfg.max_length} tokens even with its prompt cut; raise max_length, or "
+                                             f"set data.overlong: drop to leave such rows out (and count them)")
+    if not keep.any():
+        raise ConfigError("data.max_length", f"{where}: no conversation fits in {cfg.max_length} tokens with its response whole")
+    index = np.flatnonzero(keep)
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0))
+    choices = None
+    if cfg.choices is not None:
+        variants = [[*conversations[i][:-1], {"role": "assistant", "content": c}] for i in index for c in cfg.choices]
+        c_tokens, c_targets = encode_chat(variants, tokenizer, template, cfg.max_length, last_only=True)
+        fits = np.array([t is not None for t in c_tokens]).reshape(len(index), len(cfg.choices)).all(1)
+        if not fits.all():  # a choice longer than the answer it replaces: left out of both, said as dropped
+            index = index[fits]
+            c_tokens = [t for t, f in zip(c_tokens, np.repeat(fits, len(cfg.choices))) if f]
+            c_targets = [t for t, f in zip(c_targets, np.repeat(fits, len(cfg.choices))) if f]
+        ids = np.arange(len(c_tokens), dtype=np.int64)
+        choices = Encoded(ids, c_tokens, np.repeat(split.labels[index], len(cfg.choices)), pad, lm=True, targets=c_targets,
+                          answers=len(cfg.choices))
+    return Encoded(split.ids[index], [tokens[i] for i in index], split.labels[index], pad, lm=True,
+                   targets=[targets[i] for i in index], choices=choices, dropped=len(split) - len(index))
 
 
 def train_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
@@ -396,6 +620,9 @@ class Dataset:
     fingerprints: dict[str, str]
     num_labels: int
     metric: str = "accuracy"
+    #: chat data: the first validation conversations up to their last assistant turn, rendered
+    #: with the generation prompt (a language model's greedy continuations start from them)
+    prompts: tuple[str, ...] = ()
 
     @property
     def reported(self) -> list[str]:
@@ -405,9 +632,27 @@ class Dataset:
     @classmethod
     def build(cls, cfg: DataConfig, tokenizer) -> "Dataset":
         splits = load_splits(cfg)
-        return cls(
-            {name: encode(split, tokenizer, cfg.max_length, cfg.lm) for name, split in splits.items()},
-            {name: split.fingerprint() for name, split in splits.items()},
-            cfg.num_labels,
-            cfg.headline_metric,
-        )
+        fingerprints = {name: split.fingerprint() for name, split in splits.items()}
+        if not cfg.chat:
+            encoded = {name: encode(split, tokenizer, cfg.max_length, cfg.lm) for name, split in splits.items()}
+            return cls(encoded, fingerprints, cfg.num_labels, cfg.headline_metric)
+        import sys
+
+        files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file, **extra_splits(cfg)}
+        where = {name: files[name] if cfg.source == "local" else f"{cfg.source}:{cfg.name} [{name}]" for name in splits}
+        encoded = {name: _encode_conversations(split, tokenizer, cfg, where[name]) for name, split in splits.items()}
+        # what is learnt depends on the rendering too (the tokenizer's template is in its hash)
+        rendering = json.dumps([cfg.format, cfg.chat_template, cfg.overlong, cfg.choices])
+        fingerprints = {name: hashlib.sha256((f + rendering).encode()).hexdigest()[:16] for name, f in fingerprints.items()}
+        template = _template(tokenizer, cfg)
+        prompts = []
+        for text in splits["validation"].texts[:3]:
+            messages = json.loads(text)
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompts.append(tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True,
+                                                         chat_template=template))
+        for name, e in encoded.items():
+            if e.dropped:
+                print(f"[data] {name}: {e.dropped} of {e.dropped + len(e)} conversations do not fit in max_length "
+                      f"{cfg.max_length} with their response whole; left out (data.overlong: drop)", file=sys.stderr, flush=True)
+        return cls(encoded, fingerprints, cfg.num_labels, cfg.headline_metric, tuple(prompts))

@@ -206,7 +206,33 @@ def _evaluate_lm(model, data: Encoded, batches, mine, device, per_example: bool,
     if per_example:
         metrics["nll"] = nll.tolist()
         metrics["tokens"] = tokens.astype(int).tolist()
+    if data.choices is not None:
+        picked, gold = choose(model, data.choices, len(batches[0]) if batches else 8, device)
+        metrics["choice_accuracy"] = float((picked == gold).mean())
+        if per_example:
+            metrics["choice_correct"] = (picked == gold).astype(int).tolist()
     return metrics
+
+
+def choose(model, choices: Encoded, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """lm-eval-style multiple choice: each example's answers (``choices``: example-major, the
+    answer's tokens the only targets) scored by the model's summed log-likelihood of the answer
+    after the prompt; returns the picked and the gold answer per example. Every rank scores every
+    answer (the same forward passes on each: collective under ZeRO-3, and the same numbers)."""
+    was_training = model.training
+    model.eval()
+    score = np.zeros(len(choices), dtype=np.float64)
+    with torch.no_grad():
+        for index in eval_batches(choices.lengths, batch_size):
+            batch = {k: v.to(device) for k, v in choices.collate(index).items()}
+            z = forward(model, batch).float()[:, :-1]
+            target = batch["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), target.reshape(-1), reduction="none",
+                                                    ignore_index=-100).view(target.shape)
+            score[index] = -nll.sum(-1).double().cpu().numpy()
+    model.train(was_training)
+    score, gold = score.reshape(-1, choices.answers), choices.labels.reshape(-1, choices.answers)[:, 0]
+    return score.argmax(1), gold
 
 
 class Trainer:
@@ -413,8 +439,9 @@ class Trainer:
             from .metrics import repetition, with_repetition
             from .models import PROMPTS, greedy_ids
 
-            ids = greedy_ids(best, self.tokenizer, PROMPTS, device=self.device)
-            result["continuations"] = {p: self.tokenizer.decode(ids[p], skip_special_tokens=True) for p in PROMPTS}
+            prompts = self.data.prompts or PROMPTS  # chat data: the first validation conversations
+            ids = greedy_ids(best, self.tokenizer, prompts, device=self.device, rendered=bool(self.data.prompts))
+            result["continuations"] = {p: self.tokenizer.decode(ids[p], skip_special_tokens=True) for p in prompts}
             share = repetition(ids.values())
             for split in self.data.reported:
                 result[split] = with_repetition(result[split], share)

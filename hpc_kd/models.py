@@ -353,15 +353,18 @@ def greedy_continuations(model, tokenizer, prompts=PROMPTS, new_tokens: int = 24
     return {prompt: tokenizer.decode(ids[prompt], skip_special_tokens=True) for prompt in prompts}
 
 
-def greedy_ids(model, tokenizer, prompts=PROMPTS, new_tokens: int = 24, device="cpu") -> dict[str, list[int]]:
-    """Each prompt's greedy continuation (``new_tokens`` tokens, no sampling): its token ids."""
+def greedy_ids(model, tokenizer, prompts=PROMPTS, new_tokens: int = 24, device="cpu",
+               rendered: bool = False) -> dict[str, list[int]]:
+    """Each prompt's greedy continuation (``new_tokens`` tokens, no sampling; ``rendered``: chat
+    prompts rendered with their template): its token ids."""
     was_training = model.training
     model.eval()
     out = {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         for prompt in prompts:
-            enc = tokenizer(prompt, return_tensors="pt")
+            # a rendered chat prompt holds its special tokens already
+            enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=not rendered)
             ids = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
             gen = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
             out[prompt] = gen[0, ids["input_ids"].shape[1]:].tolist()

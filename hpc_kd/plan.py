@@ -175,11 +175,30 @@ def check(cfg: ExperimentConfig, data_checked: set | None = None) -> ExperimentC
             check_tokenizer(key, pretrained, name)
             if data_checked is not None:
                 data_checked.add(("tokenizer", pretrained, name))
+    if data.chat and (data_checked is None or ("chat", pretrained, data) not in data_checked):
+        check_chat(data, pretrained)
+        if data_checked is not None:
+            data_checked.add(("chat", pretrained, data))
     if data.lm and d.targets == "cache" and d.sparse_targets == "top_k" \
             and (vocab := pretrained_vocab(pretrained, data.lm)) is not None and d.sparse_k > vocab:
         raise ConfigError("distill.sparse_k", f"top_k of {d.sparse_k} tokens, but the vocabulary of {pretrained} "
                                               f"has {vocab}; at most {vocab}")
     return cfg
+
+
+def check_chat(data, teacher: str) -> None:
+    """Chat data against the teacher's tokenizer, when it can be read offline: a chat template to
+    render with (the tokenizer's or data.chat_template), and with ``data.overlong: refuse`` no
+    local conversation whose response cannot fit (every split rendered and tokenised here)."""
+    from .data import Dataset, _template
+    from .models import offline_tokenizer
+
+    tokenizer = offline_tokenizer(teacher, lm=True)
+    if tokenizer is None:
+        return
+    _template(tokenizer, data)
+    if data.overlong == "refuse" and data.source == "local":
+        Dataset.build(data, tokenizer)
 
 
 def check_tokenizer(key: str, teacher: str, name: str) -> None:

@@ -33,6 +33,7 @@ from .rundir import SweepDir, write_atomic
 
 GROUP_OMIT = ("seed", "val_acc", "val_macro_f1", "test_acc", "test_macro_f1", "teacher_share", "teacher_batches",
               "collapsed", "params", "state", "run", "role", "metric", "test_nll", "val_nll", "val_ppl", "agreement",
+              "test_choice_acc", "val_choice_acc",
               *(f"{split}_{part}" for split in ("val", "test") for part in ("f1", "pearson", "spearman")))
 SPLIT_KEY = {"test": "test", "validation": "val"}
 
@@ -80,6 +81,7 @@ def summary(rows: list[dict], split: str | None = None) -> list[dict]:
         done = [m for m in members if m["state"] == "done"]
         score = np.array([m[f"{k}_score"] for m in done], dtype=float)
         f1 = np.array([m[f"{k}_macro_f1"] for m in done if m.get(f"{k}_macro_f1") is not None], dtype=float)
+        choice = np.array([m[f"{k}_choice_acc"] for m in done if m.get(f"{k}_choice_acc") is not None], dtype=float)
         val = np.array([m["val_score"] for m in done], dtype=float)
         shares = [m["teacher_share"] for m in done if m["teacher_share"] is not None]
         out.append({**dict(key), "n": len(done), "of": len(members), "split": split,
@@ -88,6 +90,8 @@ def summary(rows: list[dict], split: str | None = None) -> list[dict]:
                     "score_std": float(score.std(ddof=1)) if len(score) > 1 else None,
                     "f1_mean": float(f1.mean()) if len(f1) else None,
                     "f1_std": float(f1.std(ddof=1)) if len(f1) > 1 else None,
+                    "choice_mean": float(choice.mean()) if len(choice) else None,
+                    "choice_std": float(choice.std(ddof=1)) if len(choice) > 1 else None,
                     "val_mean": float(val.mean()) if len(val) else None,
                     "val_std": float(val.std(ddof=1)) if len(val) > 1 else None,
                     "collapsed": sum(bool(m["collapsed"]) for m in done),
@@ -223,17 +227,22 @@ def summary_markdown(summ: list[dict], paired: list[dict]) -> str:
         return "| " + " | ".join(cells) + " |"
 
     with_f1 = any(r["f1_mean"] is not None for r in summ)
+    with_choice = any(r.get("choice_mean") is not None for r in summ)
     lm = all(r.get("metric") == "token_nll" for r in summ + paired) and bool(summ)
     units = "mean ± std; lower is better" if lm else "%, mean ± std"
     lines = [f"Headline numbers on the {SPLIT_NOTE[split]}.", "",
              f"### {split.capitalize()} {label} over seeds ({units})", "",
              head + f" n | {split} {label} |" + (f" {split} macro-F1 |" if with_f1 else "")
+             + (f" {split} choice accuracy (%) |" if with_choice else "")
              + (f" validation {label} |" if split == "test" else "") + " teacher share | collapsed |",
-             sep + "---|---|" + ("---|" if with_f1 else "") + ("---|" if split == "test" else "") + "---|---|"]
+             sep + "---|---|" + ("---|" if with_f1 else "") + ("---|" if with_choice else "")
+             + ("---|" if split == "test" else "") + "---|---|"]
     for r in summ:
         m = r.get("metric") or "accuracy"
         score = f"{_value(m, r['score_mean'])} ± {_spread(m, r['score_std'])}" if r["score_mean"] is not None else "–"
         f1 = (f" {_pct(r['f1_mean'])} ± {_pct(r['f1_std'])} |" if r["f1_mean"] is not None else " – |") if with_f1 else ""
+        f1 += (f" {_pct(r['choice_mean'])} ± {_pct(r['choice_std'])} |" if r.get("choice_mean") is not None
+               else " – |") if with_choice else ""
         val = f" {_value(m, r['val_mean'])} ± {_spread(m, r['val_std'])} |" if split == "test" else ""
         share = f"{r['teacher_share']:.3f}" if r["teacher_share"] is not None else "–"
         coll = f"**{r['collapsed']}/{r['n']}**" if r["collapsed"] else f"0/{r['n']}"

@@ -49,7 +49,9 @@ def _without_execution(settings: dict) -> dict:
 LATER_FIELDS = {"loss_args": None, "sparse": None, "support": None, "arch": None}
 #: data keys added after schema 2, left out of a signature at their default, so that runs from
 #: before them are still found (an explicit metric equal to the task's default is the default).
-LATER_DATA_KEYS = {"task": "classification", "text_pair_column": None, "also_evaluate": [], "metric": None}
+LATER_DATA_KEYS = {"task": "classification", "text_pair_column": None, "also_evaluate": [], "metric": None,
+                   "format": "text", "messages_column": "messages", "prompt_column": "prompt",
+                   "response_column": "response", "chat_template": None, "overlong": "drop", "choices": None}
 
 
 def _later_dropped(settings: dict, later: dict) -> dict:
@@ -246,6 +248,8 @@ class CacheLogits(Stage):
                                progress=_trainer_options(run_cfg, None)["progress"], **sparse)
         result = {"kind": "cache", "rows": manifest["total_rows"], "shards": len(manifest["shards"]),
                   "bytes": manifest["bytes"], "producer": manifest["producer"], "layers": depth(model)}
+        if self.sparse is not None:  # rows are tokens: the learnt ones (chat data: the response tokens)
+            result["bytes_per_token"] = round(manifest["bytes"] / max(manifest["total_rows"], 1), 2)
         return {**result, "sparse": self.sparse} if self.sparse is not None else result
 
     def load(self, root: Path, dataset, run_cfg: RunConfig):
@@ -266,8 +270,11 @@ class CacheLogits(Stage):
 
             vocab = read_json(self.model.path(root) / "config.json").get("vocab_size")  # what the ids index
 
+            data = dataset.encoded[self.split]  # chat data: only the assistant's positions are cached
+            positions = None if data.targets is None else {int(data.ids[i]): data.positions(i) for i in range(len(data))}
+
             def open_cache():
-                return SparseLogitCache.open(self.folder(root), expected, ids, self.sparse, vocab)
+                return SparseLogitCache.open(self.folder(root), expected, ids, self.sparse, vocab, positions)
         else:
             def open_cache():
                 return LogitCache.open(self.folder(root), expected, ids)
