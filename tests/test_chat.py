@@ -276,3 +276,32 @@ def test_a_chat_chain_distils_any_student_and_resumes(chat_decoder, chat_files, 
     row = {c: None for c in COLUMNS}
     _fill(row, resumed)
     assert row["val_choice_acc"] == resumed["validation"]["choice_accuracy"]
+
+
+def test_chat_rows_read_alike_from_jsonl_parquet_csv_and_a_hub_dataset_folder(tmp_path):
+    """The same conversations from each kind of source: jsonl (lists of dicts), parquet (arrays of
+    structs), csv (the list as JSON text) and ``datasets.load_dataset`` on a dataset folder (the
+    code that reads a hub dataset on a cluster)."""
+    from hpc_kd.data import load_splits
+
+    rows = conversations(5)
+    frame = pd.DataFrame({"messages": [r["messages"] for r in rows], "label": [r["label"] for r in rows]})
+    write_jsonl(tmp_path / "c.jsonl", rows)
+    frame.to_parquet(tmp_path / "c.parquet")
+    frame.assign(messages=[json.dumps(m) for m in frame["messages"]]).to_csv(tmp_path / "c.csv", index=False)
+    hub = tmp_path / "hub" / "data"
+    hub.mkdir(parents=True)
+    frame.to_parquet(hub / "train-0.parquet")
+    frame.to_parquet(hub / "validation-0.parquet")
+    texts = []
+    for source, files in (("local", "c.jsonl"), ("local", "c.parquet"), ("local", "c.csv"), ("hf", None)):
+        cfg = dict(task="causal_lm", format="chat", choices=("awful", "great"))
+        if source == "local":
+            cfg.update(source="local", train_file=str(tmp_path / files), validation_file=str(tmp_path / files))
+        else:
+            cfg.update(source="hf", name=str(tmp_path / "hub"))
+        split = load_splits(DataConfig(**cfg))["train"]
+        texts.append((split.texts, split.labels.tolist()))
+    assert all(t == texts[0] for t in texts[1:])
+    assert [json.loads(t) for t in texts[0][0]] == [r["messages"] for r in rows]
+    assert texts[0][1] == [["awful", "great"].index(r["label"]) for r in rows]
