@@ -151,8 +151,9 @@ class DataConfig:
     #: conversation (data.messages_column: a list of {role, content}, roles system / user /
     #: assistant) rendered with the tokenizer's chat template, only the assistant's tokens learnt
     #: and scored; prompt_response: a one-turn chat from data.prompt_column and
-    #: data.response_column. The embedded corpus as chat: the user asks for a review's sentiment,
-    #: the assistant answers "negative" or "positive" (README: Distilling an instruct model).
+    #: data.response_column. The embedded corpus as chat: asked for a one-sentence movie review,
+    #: the assistant writes one, then, asked for its sentiment, answers "negative" or "positive"
+    #: (README: Distilling an instruct model).
     format: Literal["text", "chat", "prompt_response"] = "text"
     #: chat: the column holding each conversation.
     messages_column: str = "messages"

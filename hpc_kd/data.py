@@ -36,8 +36,9 @@ from .config import EMBEDDED_CHOICES, ConfigError, DataConfig
 
 #: the roles of a conversation's messages
 ROLES = ("system", "user", "assistant")
-#: the embedded chat corpus: the user's question before each review
-EMBEDDED_QUESTION = "What is the sentiment of this movie review? Answer negative or positive.\n\n"
+#: the embedded chat corpus (:func:`embedded_conversation`): a film critic's conversation
+EMBEDDED_TURNS = ("You are a film critic.", "Write a one-sentence movie review.",
+                  "Is your review negative or positive?")
 
 @dataclass(frozen=True)
 class Split:
@@ -91,13 +92,22 @@ def _load_embedded(cfg: DataConfig) -> dict[str, Split]:
     labels = frame["label"].to_numpy(dtype=np.int64) if not cfg.lm else np.zeros(len(frame), dtype=np.int64)
     bucket = np.array([int(hashlib.sha1(t.encode("utf-8")).hexdigest()[:8], 16) % 10 for t in texts])
     masks = {"train": bucket < 8, "validation": bucket == 8, "test": bucket == 9}
-    if cfg.chat:  # the user asks for the review's sentiment, the assistant answers it
+    if cfg.chat:
         labels = frame["label"].to_numpy(dtype=np.int64)
-        texts = [conversation_json([{"role": "user", "content": EMBEDDED_QUESTION + t},
-                                    {"role": "assistant", "content": EMBEDDED_CHOICES[y]}]) for t, y in zip(texts, labels)]
+        texts = [conversation_json(embedded_conversation(t, y)) for t, y in zip(texts, labels)]
         if cfg.choices is None:
             labels = np.zeros(len(frame), dtype=np.int64)
     return {name: Split(ids[m], [t for t, keep in zip(texts, m) if keep], labels[m]) for name, m in masks.items()}
+
+
+def embedded_conversation(review: str, label: int) -> list[dict]:
+    """The embedded corpus as chat, two assistant turns: asked for a one-sentence review, the
+    assistant writes one (the review: a language-modelling signal over its tokens); asked for its
+    sentiment, it answers "negative" or "positive" (its label: the turn data.choices replaces)."""
+    system, write, ask = EMBEDDED_TURNS
+    return [{"role": "system", "content": system}, {"role": "user", "content": write},
+            {"role": "assistant", "content": review}, {"role": "user", "content": ask},
+            {"role": "assistant", "content": EMBEDDED_CHOICES[label]}]
 
 
 def _row(where: str, i: int) -> str:
