@@ -305,3 +305,22 @@ def test_chat_rows_read_alike_from_jsonl_parquet_csv_and_a_hub_dataset_folder(tm
     assert all(t == texts[0] for t in texts[1:])
     assert [json.loads(t) for t in texts[0][0]] == [r["messages"] for r in rows]
     assert texts[0][1] == [["awful", "great"].index(r["label"]) for r in rows]
+
+
+def test_the_embedded_corpus_as_chat():
+    """Two assistant turns per review: the review itself, then its label as "negative" /
+    "positive" (the turn data.choices replaces); the same split and ids as the text corpus."""
+    from hpc_kd.data import load_splits
+
+    text = load_splits(DataConfig(task="causal_lm", name="rotten_tomatoes"))["validation"]
+    chat = load_splits(DataConfig(task="causal_lm", name="rotten_tomatoes", format="chat",
+                                  choices=("negative", "positive")))["validation"]
+    labelled = load_splits(DataConfig())["validation"]
+    assert chat.ids.tolist() == text.ids.tolist() == labelled.ids.tolist()
+    first = json.loads(chat.texts[0])
+    assert [m["role"] for m in first] == ["system", "user", "assistant", "user", "assistant"]
+    assert first[2]["content"] == text.texts[0]
+    assert [json.loads(t)[-1]["content"] for t in chat.texts[:50]] == [["negative", "positive"][y] for y in labelled.labels[:50]]
+    assert chat.labels.tolist() == labelled.labels.tolist()
+    with pytest.raises(ConfigError, match="the embedded chat corpus answers"):
+        DataConfig(task="causal_lm", format="chat", choices=("bad", "good"))
