@@ -22,6 +22,8 @@ correlation for CoLA, the mean of Pearson and Spearman for STS-B).
 """
 from __future__ import annotations
 
+import json
+
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -51,9 +53,32 @@ def headline_split(rows: list[dict]) -> str:
     return "test" if done and all(r.get("test_score") is not None for r in done) else "validation"
 
 
+#: the columns every summary line leads with; any other column of a group key is a further grid
+#: axis (e.g. ``student.config``) and gets a lead column of its own
+LEAD_KEYS = ("task", "depth", "iteration", "chain", "policy", "tutor_update")
+
+
+def _hashable(value):
+    """A grid axis's value as part of a group key: a mapping or list (``student.config``) as its
+    canonical JSON, so that two architectures never share a group."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
 def _group_key(row: dict) -> tuple:
-    return tuple(sorted((k, v) for k, v in row.items()
-                        if k not in GROUP_OMIT and not k.endswith("_score") and not isinstance(v, (list, dict))))
+    return tuple(sorted((k, _hashable(v)) for k, v in row.items() if k not in GROUP_OMIT and not k.endswith("_score")
+                        and k != "damage"))
+
+
+def _axes(key: tuple) -> list[str]:
+    """The further grid axes of a group key (beyond :data:`LEAD_KEYS`)."""
+    return [k for k, _ in key if k not in LEAD_KEYS]
+
+
+def _axis_cell(value) -> str:
+    """A further axis's value in a summary line: a mapping as ``key=value`` pairs."""
+    if isinstance(value, str) and value.startswith("{"):
+        return ", ".join(f"{k}={v}" for k, v in json.loads(value).items())
+    return "–" if value is None else str(value)
 
 
 def plain_kd(row: dict) -> bool:
@@ -84,7 +109,7 @@ def summary(rows: list[dict], split: str | None = None) -> list[dict]:
         choice = np.array([m[f"{k}_choice_acc"] for m in done if m.get(f"{k}_choice_acc") is not None], dtype=float)
         val = np.array([m["val_score"] for m in done], dtype=float)
         shares = [m["teacher_share"] for m in done if m["teacher_share"] is not None]
-        out.append({**dict(key), "n": len(done), "of": len(members), "split": split,
+        out.append({**dict(key), "axes": _axes(key), "n": len(done), "of": len(members), "split": split,
                     "metric": next((m["metric"] for m in members if m.get("metric")), "accuracy"),
                     "score_mean": float(score.mean()) if len(score) else None,
                     "score_std": float(score.std(ddof=1)) if len(score) > 1 else None,
@@ -137,7 +162,7 @@ def paired_vs_kd(root: Path, rows: list[dict], n_boot: int = 4000, seed: int = 0
         diffs = np.array([m[f"{k}_score"] - b[f"{k}_score"] for m, b in pairs])
         n = len(diffs)
         mean = float(diffs.mean())
-        row = {**dict(key), "n": n, "split": split, "metric": pairs[0][0].get("metric") or "accuracy", "diff": mean,
+        row = {**dict(key), "axes": _axes(key), "n": n, "split": split, "metric": pairs[0][0].get("metric") or "accuracy", "diff": mean,
                "t_low": None, "t_high": None}
         if n > 1:
             half = _t975(n - 1) * diffs.std(ddof=1) / math.sqrt(n)
@@ -217,13 +242,14 @@ def summary_markdown(summ: list[dict], paired: list[dict]) -> str:
     chained = any((r.get("iteration") or 1) > 1 for r in summ)
     tasks = any(r.get("task") for r in summ)
     label = metric_label(summ)
-    lead_cols = ["task"] * tasks + ["depth"] + ["chain"] * chained + ["policy", "tutor"]
+    axes = list(dict.fromkeys(a for r in summ + paired for a in r.get("axes", ())))
+    lead_cols = ["task"] * tasks + ["depth"] + axes + ["chain"] * chained + ["policy", "tutor"]
     head = "| " + " | ".join(lead_cols) + " |"
     sep = "|" + "---|" * len(lead_cols)
 
     def lead(r):
-        cells = [*([str(r.get("task"))] if tasks else []), str(r.get("depth")), *([str(r.get("chain"))] if chained else []),
-                 str(r.get("policy")), str(r.get("tutor_update") or "–")]
+        cells = [*([str(r.get("task"))] if tasks else []), str(r.get("depth")), *(_axis_cell(r.get(a)) for a in axes),
+                 *([str(r.get("chain"))] if chained else []), str(r.get("policy")), str(r.get("tutor_update") or "–")]
         return "| " + " | ".join(cells) + " |"
 
     with_f1 = any(r["f1_mean"] is not None for r in summ)

@@ -116,3 +116,24 @@ def test_iterations_are_separate_groups_with_their_own_baseline(tmp_path):
     assert paired["10→9"]["diff"] == pytest.approx(0.045) and paired["10→9"]["n"] == 2
     assert paired["9"]["diff"] == pytest.approx(-0.02) and paired["9"]["n"] == 2
     assert paired["10"]["diff"] == pytest.approx(0.01)
+
+
+def test_students_of_two_architectures_at_one_depth_are_two_groups():
+    """A grid axis whose values are mappings (student.config) separates groups, pairs each policy
+    with the plain KD of its own architecture, and gets a lead column in the summary."""
+    from hpc_kd.report import summary, summary_markdown
+
+    narrow = {"hidden_size": 192, "num_attention_heads": 3}
+    rows = []
+    for config, base in ((None, 0.8), (narrow, 0.6)):
+        for policy, update, delta in (("teacher", None, 0.0), ("min_loss", "online", 0.05)):
+            rows.append({"role": "student", "run": f"r{len(rows)}", "state": "done", "depth": 6, "config": config,
+                         "policy": policy, "tutor_update": update, "seed": 0, "metric": "accuracy",
+                         "val_score": base + delta, "test_score": None, "teacher_share": 1.0, "collapsed": False})
+    summ = summary(rows)
+    assert len(summ) == 4
+    assert sorted(round(r["score_mean"], 2) for r in summ) == [0.6, 0.65, 0.8, 0.85]
+    text = summary_markdown(summ, [])
+    assert "| depth | config | policy | tutor |" in text
+    assert "| 6 | hidden_size=192, num_attention_heads=3 | min_loss | online |" in text
+    assert "| 6 | – | teacher | – |" in text
