@@ -67,10 +67,9 @@ class SparseTargets:
 
 def top_k(teacher_logits: torch.Tensor, k: int, tau: float = 1.0) -> SparseTargets:
     """The teacher's k most likely tokens per position, and the log of the rest of its mass."""
-    z = _tempered(teacher_logits, tau)
-    ids = z.topk(min(k, z.shape[-1]), dim=-1).indices
-    bins = _bins(z, ids, torch.ones_like(ids, dtype=torch.bool))  # as on_support computes them
-    return SparseTargets(ids, bins[..., :-1], bins[..., -1])
+    log_p = F.log_softmax(teacher_logits.float() / tau, dim=-1)
+    values, ids = log_p.topk(min(k, log_p.shape[-1]), dim=-1)
+    return SparseTargets(ids, values, _rest(log_p, ids, torch.ones_like(ids, dtype=torch.bool)))
 
 
 def sampled(teacher_logits: torch.Tensor, n: int, tau: float = 1.0, generator: torch.Generator | None = None) -> SparseTargets:
@@ -90,37 +89,21 @@ def sampled(teacher_logits: torch.Tensor, n: int, tau: float = 1.0, generator: t
     return SparseTargets(draws.reshape(shape), log_probs.reshape(shape), empty)
 
 
-def _rest(z: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """The logsumexp of ``z`` [..., V] (log-probabilities, or logits) outside the valid ``ids``
-    [..., k]: for log-probabilities, the log of the mass of the other tokens (exactly -inf when
-    the ids cover the vocabulary, where ``1 − Σ`` would leave a rounding error). One vocabulary-
-    sized tensor: the valid ids set to -inf by a min-scatter (a padding entry scatters +inf, so
-    it leaves its token alone even when a valid entry repeats it)."""
-    drop = torch.where(valid, torch.full(ids.shape, -torch.inf, device=z.device), torch.full(ids.shape, torch.inf, device=z.device))
-    return torch.logsumexp(z.scatter_reduce(-1, ids, drop.to(z.dtype), reduce="amin", include_self=True), dim=-1)
+def _rest(log_p: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The log of the mass of ``log_p`` [..., V] outside the valid ``ids`` [..., k]: a logsumexp
+    over the other tokens (exactly -inf when the ids cover the vocabulary, where ``1 − Σ`` would
+    leave a rounding error)."""
+    covered = torch.zeros_like(log_p).scatter_add_(-1, ids, valid.to(log_p.dtype)) > 0
+    return torch.logsumexp(torch.where(covered, torch.full_like(log_p, -torch.inf), log_p), dim=-1)
 
 
 def on_support(logits: torch.Tensor, targets: SparseTargets, tau: float = 1.0) -> torch.Tensor:
     """A dense model's tempered log-probabilities on ``targets``' k + 1 bins: its probabilities of
-    the target's tokens (padding: -inf) and, in the last bin, the log of the rest of its mass.
-    Computed from the logits and their logsumexp (no log-softmax over the vocabulary: two
-    vocabulary-sized tensors in all, the tempered logits and the masked ones, where a loss
-    against sparse targets used to build about eight)."""
-    return _bins(_tempered(logits, tau), targets.ids, targets.valid)
-
-
-def _tempered(logits: torch.Tensor, tau: float) -> torch.Tensor:
-    return logits.float() / tau if tau != 1.0 else logits.float()
-
-
-def _bins(z: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Tempered logits ``z`` on the bins of ``ids`` (:func:`on_support`). The cache writer's
-    :func:`top_k` computes its values the same way, so that a live model equal to the cached one
-    gives the same numbers to the last bit."""
-    total = torch.logsumexp(z, dim=-1)
-    picked = z.gather(-1, ids) - total.unsqueeze(-1)
-    picked = torch.where(valid, picked, torch.full_like(picked, -torch.inf))
-    return torch.cat([picked, (_rest(z, ids, valid) - total).unsqueeze(-1)], dim=-1)
+    the target's tokens (padding: -inf) and, in the last bin, the log of the rest of its mass."""
+    log_p = F.log_softmax(logits.float() / tau, dim=-1)
+    picked = log_p.gather(-1, targets.ids)
+    picked = torch.where(targets.valid, picked, torch.full_like(picked, -torch.inf))
+    return torch.cat([picked, _rest(log_p, targets.ids, targets.valid).unsqueeze(-1)], dim=-1)
 
 
 def divergence(name: str, student_logits: torch.Tensor, targets: SparseTargets, tau: float = 1.0, **args) -> torch.Tensor:
