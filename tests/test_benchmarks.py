@@ -63,3 +63,16 @@ def test_gpu_script_runs_every_step_in_its_cpu_smoke_mode(tiny_decoder, tiny_mod
     assert set(tokens) == {"hpc_kd loop", "hpc_kd DeepSpeed", "HF Trainer, same batches", "HF Trainer, default"}
     assert tokens["HF Trainer, same batches"] == tokens["hpc_kd loop"] == tokens["hpc_kd DeepSpeed"]
     assert "all steps ran" in out.stdout
+
+
+def test_sparse_loss_benchmark_runs_and_its_variants_agree():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sparse_loss.py"), "--batch", "2", "--length", "4",
+                          "--vocab", "100", "--k", "8", "--rounds", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=process_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| (")]
+    assert rows == ["(i) cross-entropy", "(ii) sparse KL (hpc_kd)", "(iii) sparse KL, logsumexp + min-scatter",
+                    "(iv) sparse KL, logsumexp + scatter"]
+    deltas = [float(x) for line in out.stdout.splitlines() if "against (ii)" in line
+              for x in (line.split("loss |Δ| = ")[1].split(",")[0], line.split("gradient max |Δ| = ")[1])]
+    assert len(deltas) == 4 and max(deltas) < 1e-4
