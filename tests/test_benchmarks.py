@@ -71,8 +71,8 @@ def test_sparse_loss_benchmark_runs_and_its_variants_agree():
                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=process_env())
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| (")]
-    assert rows == ["(i) cross-entropy", "(ii) sparse KL (hpc_kd)", "(iii) sparse KL, logsumexp + min-scatter",
-                    "(iv) sparse KL, logsumexp + scatter"]
+    assert rows == ["(i) cross-entropy", "(ii) sparse KL (hpc_kd)", "(iii) sparse KL, autograd",
+                    "(iv) sparse KL, logsumexp + min-scatter", "(v) sparse KL, logsumexp + scatter"]
     deltas = [float(x) for line in out.stdout.splitlines() if "against (ii)" in line
               for x in (line.split("loss |Δ| = ")[1].split(",")[0], line.split("gradient max |Δ| = ")[1])]
-    assert len(deltas) == 4 and max(deltas) < 1e-4
+    assert len(deltas) == 6 and max(deltas) < 1e-4

@@ -155,3 +155,30 @@ def test_sampled_targets_would_not_tie_an_identical_tutor():
     tutor = sparse.project(Z_T.clone(), teacher)
     gap = sparse.divergence("kl", Z_S, teacher) - sparse.divergence("kl", Z_S, tutor)
     assert gap.abs().mean() > 0.1
+
+
+@pytest.mark.parametrize("kind", ["top_k", "sampled", "whole_vocabulary", "no_tail"])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_the_fused_forward_kl_is_the_autograd_one(kind, tau):
+    """sparse.forward_kl (the default divergence's hand-written gradient) against the same loss
+    through on_support and autograd: values and gradients, with padding entries (sampled), a
+    target covering the vocabulary, and an empty tail."""
+    gen = torch.Generator().manual_seed(3)
+    z_t = torch.randn(2, 5, 40, generator=gen) * 3
+    if kind == "no_tail":  # the top 6 renormalised: no mass off the entries
+        top = sparse.top_k(z_t, 6, tau)
+        t = sparse.SparseTargets(top.ids, *sparse.renormalised(top.log_probs, torch.full((2, 5), -torch.inf)))
+    else:
+        t = {"top_k": lambda: sparse.top_k(z_t, 6, tau), "whole_vocabulary": lambda: sparse.top_k(z_t, 40, tau),
+             "sampled": lambda: sparse.sampled(z_t, 12, tau, torch.Generator().manual_seed(4))}[kind]()
+    assert kind != "sampled" or (~t.valid).any()  # repeats padded out
+    a = (torch.randn(2, 5, 40, generator=gen) * 2).requires_grad_(True)
+    b = a.detach().clone().requires_grad_(True)
+    weights = torch.rand(2, 5, generator=gen)
+    reference = (tau * tau) * losses.DIVERGENCES["kl"](sparse.on_support(a, t, tau), t.bins())
+    fused = sparse.forward_kl(b, t, tau)
+    (reference * weights).sum().backward()
+    (fused * weights).sum().backward()
+    assert torch.allclose(fused, reference, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(b.grad, a.grad, atol=1e-6)
+    assert sparse.divergence("kl", b.detach(), t, tau).equal(fused.detach())
