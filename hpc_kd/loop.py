@@ -139,7 +139,7 @@ def evaluate(model, data: Encoded, batch_size: int, num_labels: int, device, per
         rounds = math.ceil(len(batches) / world.size)
         mine = mine + [batches[0]] * (rounds - len(mine))
     if data.lm:
-        return _evaluate_lm(model, data, batches, mine, device, per_example, reference)
+        return _evaluate_lm(model, data, batches, mine, device, per_example, reference, batch_size)
     was_training = model.training
     model.eval()
     found = []
@@ -165,7 +165,8 @@ def evaluate(model, data: Encoded, batch_size: int, num_labels: int, device, per
     return metrics
 
 
-def _evaluate_lm(model, data: Encoded, batches, mine, device, per_example: bool, reference=None) -> dict:
+def _evaluate_lm(model, data: Encoded, batches, mine, device, per_example: bool, reference=None,
+                 batch_size: int = 8) -> dict:
     """:func:`evaluate` for a language model: per sequence its summed next-token NLL, its number of
     predicted tokens and how many of them the top-1 got right, and over all tokens how often each
     token was the top-1 (:func:`hpc_kd.metrics.lm_metrics`); with a ``reference`` model (the
@@ -207,18 +208,20 @@ def _evaluate_lm(model, data: Encoded, batches, mine, device, per_example: bool,
         metrics["nll"] = nll.tolist()
         metrics["tokens"] = tokens.astype(int).tolist()
     if data.choices is not None:
-        picked, gold = choose(model, data.choices, len(batches[0]) if batches else 8, device)
+        picked = choice_scores(model, data.choices, batch_size, device).argmax(1)
+        gold = data.choices.labels[::data.choices.answers]
         metrics["choice_accuracy"] = float((picked == gold).mean())
         if per_example:
             metrics["choice_correct"] = (picked == gold).astype(int).tolist()
     return metrics
 
 
-def choose(model, choices: Encoded, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
+def choice_scores(model, choices: Encoded, batch_size: int, device) -> np.ndarray:
     """lm-eval-style multiple choice: each example's answers (``choices``: example-major, the
     answer's tokens the only targets) scored by the model's summed log-likelihood of the answer
-    after the prompt; returns the picked and the gold answer per example. Every rank scores every
-    answer (the same forward passes on each: collective under ZeRO-3, and the same numbers)."""
+    after the prompt; [examples, answers] (the gold answer of example i: ``choices.labels[i *
+    answers]``). Every rank scores every answer (the same forward passes on each: collective
+    under ZeRO-3, and the same numbers)."""
     was_training = model.training
     model.eval()
     score = np.zeros(len(choices), dtype=np.float64)
@@ -231,8 +234,7 @@ def choose(model, choices: Encoded, batch_size: int, device) -> tuple[np.ndarray
                                                     ignore_index=-100).view(target.shape)
             score[index] = -nll.sum(-1).double().cpu().numpy()
     model.train(was_training)
-    score, gold = score.reshape(-1, choices.answers), choices.labels.reshape(-1, choices.answers)[:, 0]
-    return score.argmax(1), gold
+    return score.reshape(-1, choices.answers)
 
 
 class Trainer:

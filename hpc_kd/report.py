@@ -23,7 +23,6 @@ correlation for CoLA, the mean of Pearson and Spearman for STS-B).
 from __future__ import annotations
 
 import json
-
 import math
 from collections import defaultdict
 from pathlib import Path

@@ -148,13 +148,13 @@ class _ForwardKL(torch.autograd.Function):
         p, p_tail = log_p.exp(), tail.exp()
         loss = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
         loss = loss + torch.where(p_tail > 0, p_tail * (tail - log_q_tail), torch.zeros_like(p_tail))
-        ctx.save_for_backward(z, ids, cover, p, p_tail, total, rest, valid)
+        ctx.save_for_backward(z, cover, first, p, p_tail, total, rest, valid)
         ctx.tau = tau
         return (tau * tau) * loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, ids, cover, p, p_tail, total, rest, valid = ctx.saved_tensors
+        z, cover, first, p, p_tail, total, rest, valid = ctx.saved_tensors
         tau = ctx.tau
         zt = z.float() / tau if tau != 1.0 else z.float()
         q = (zt - total.unsqueeze(-1)).exp_()  # the student's softmax
@@ -163,7 +163,6 @@ class _ForwardKL(torch.autograd.Function):
         share = torch.where(p_tail > 0, p_tail * (total - rest).exp(), torch.zeros_like(p_tail))
         grad = q.mul_((mass - share).unsqueeze(-1))
         # on the entries: q_j · P − p_j (a padding entry repeats its row's first valid entry)
-        first = valid.to(torch.int8).argmax(-1, keepdim=True)
         on = (zt.gather(-1, cover) - total.unsqueeze(-1)).exp() * mass.unsqueeze(-1) - torch.where(valid, p, p.gather(-1, first))
         grad.scatter_(-1, cover, on)
         grad.mul_((tau * grad_out).unsqueeze(-1))

@@ -179,11 +179,12 @@ def test_bad_prompt_response_rows_and_a_missing_template_stop_the_launcher(chat_
 
 
 def test_choices_are_scored_by_their_log_likelihood(chat_decoder, chat_files):
-    """choice_accuracy: the argmax of each answer's summed log-probability after the prompt
-    (computed here by hand from the model's logits), against the gold column."""
+    """Each answer's score is its summed log-probability after the prompt, computed here by hand
+    from the model's logits of that conversation alone (to float tolerance: batched and padded
+    passes round differently); choice_accuracy is the argmax against the gold column."""
     from transformers import AutoModelForCausalLM
 
-    from hpc_kd.loop import choose, evaluate
+    from hpc_kd.loop import choice_scores, evaluate
 
     tok = load_tokenizer(str(chat_decoder), lm=True)
     cfg = DataConfig(**chat_data(chat_files, choices=("awful", "great")))
@@ -201,11 +202,13 @@ def test_choices_are_scored_by_their_log_likelihood(chat_decoder, chat_files):
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=torch.from_numpy(ids)[None]).logits[0].double(), -1)
             scores.append(sum(float(logp[t - 1, ids[t]]) for t in np.flatnonzero(learnt)))
-        manual.append(int(np.argmax(scores)))
-    picked, gold = choose(model, data.choices, 4, "cpu")
-    assert picked.tolist() == manual and gold.tolist() == data.choices.labels[::2].tolist()
+        manual.append(scores)
+    scores = choice_scores(model, data.choices, 4, "cpu")
+    assert scores.shape == (len(rows), 2)
+    assert scores == pytest.approx(np.array(manual), abs=1e-4)
+    gold = data.choices.labels[::2]
     metrics = evaluate(model, data, 8, 0, "cpu", per_example=True)
-    assert metrics["choice_accuracy"] == pytest.approx(float(np.mean(np.array(manual) == gold)))
+    assert metrics["choice_accuracy"] == float(np.mean(choice_scores(model, data.choices, 8, "cpu").argmax(1) == gold))
     assert len(metrics["choice_correct"]) == len(rows)
 
 
@@ -244,8 +247,9 @@ def test_the_cache_holds_exactly_the_response_positions(chat_decoder, chat_files
     t = sparse.targets(batch["example_ids"], batch["input_ids"].shape[1])
     with torch.no_grad():
         z = model(input_ids=batch["input_ids"]).logits[0, :-1]
-    for p in data.positions(0):
-        assert set(t.ids[0, p].tolist()) == set(z[p].topk(8).indices.tolist())
+    for p in data.positions(0):  # a top 8 of the teacher's logits (up to rounding at a tie for 8th place)
+        ids = t.ids[0, p]
+        assert len(set(ids.tolist())) == 8 and z[p, ids].min() >= z[p].topk(8).values[-1] - 1e-4
     unlearnt = np.setdiff1d(np.arange(len(data.tokens[0]) - 1), data.positions(0))
     assert torch.isinf(t.log_probs[0, unlearnt]).all()
 
