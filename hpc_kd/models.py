@@ -6,6 +6,8 @@ import copy
 import os
 import re
 import shutil
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -326,6 +328,27 @@ def param_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@contextmanager
+def _no_deepspeed_probe():
+    """``save_pretrained`` unwraps the model with accelerate, which imports DeepSpeed (4-5 s of a
+    stage job's start, more than its training on the tiny models) only to ask whether the model is
+    a ``DeepSpeedEngine``. It cannot be one unless DeepSpeed is already imported: then skip it."""
+    try:
+        import accelerate.utils.other as unwrap
+    except ImportError:  # no accelerate: transformers unwraps without it
+        yield
+        return
+    if "deepspeed" in sys.modules or not hasattr(unwrap, "is_deepspeed_available"):
+        yield
+        return
+    probe = unwrap.is_deepspeed_available
+    unwrap.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        unwrap.is_deepspeed_available = probe
+
+
 def save_model(model, tokenizer, path: str | Path) -> None:
     """Save in Hugging Face format (safetensors), atomically: written to a temporary folder and
     renamed, so a reader never sees a half-written model."""
@@ -333,7 +356,8 @@ def save_model(model, tokenizer, path: str | Path) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    with _no_deepspeed_probe():
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     old = path.with_name(path.name + ".old")
     if path.exists():
