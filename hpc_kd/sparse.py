@@ -31,7 +31,11 @@ divergence of the family is at most the dense one (data processing), with equali
 student's distribution inside the tail is proportional to the teacher's. Renormalising the top k
 instead (dropping the tail) would tell the student that the tail has no mass: it biases the student
 toward overconfidence. Comparing two sources (a sparse cached teacher and a live tutor) is only
-fair on one support: :func:`on_support` puts a dense distribution onto a target's bins.
+fair on one support: :func:`on_support` puts a dense distribution onto a target's bins. On the bins
+alone, though, a tutor whose mass lies where the teacher has little hides its disagreement with
+the student in the tail bin and wins by it; under the forward KL a decision therefore also counts,
+for both sources, what the bins miss: :func:`tail_kl`, the divergence inside the teacher's tail
+(the tutor's shape standing in for the teacher's, the one estimate of it there is).
 """
 from __future__ import annotations
 
@@ -114,6 +118,25 @@ def divergence(name: str, student_logits: torch.Tensor, targets: SparseTargets, 
     if name == "kl":  # the default, fused: the same numbers with fewer passes over the vocabulary
         return forward_kl(student_logits, targets, tau)
     return (tau * tau) * DIVERGENCES[name](on_support(student_logits, targets, tau), targets.bins(), **args)
+
+
+def tail_kl(student_logits: torch.Tensor, tutor_logits: torch.Tensor, targets: SparseTargets, tau: float = 1.0) -> torch.Tensor:
+    """Per position, ``KL(u_rest ‖ s_rest)``: how the student's (tempered) distribution differs from
+    a dense tutor's inside the teacher's tail, both renormalised over the tokens outside the
+    target's entries. The coarse-grained KL on the bins (:func:`divergence`) cannot see it; by the
+    chain rule of KL, ``KL(U ‖ S) = KL_bins(U ‖ S) + p_U(tail) · tail_kl``, exactly. A TEID
+    decision between a sparse teacher and a live tutor adds ``p(tail) · tail_kl`` to both
+    sources' losses (``hpc_kd.step``): the tutor's becomes its dense loss, and the teacher's is its
+    tail filled in the tutor's shape, the one estimate of it there is."""
+    log_s = F.log_softmax(student_logits.float() / tau, dim=-1)
+    log_u = F.log_softmax(tutor_logits.float() / tau, dim=-1)
+    covered = torch.zeros_like(log_u).scatter_add_(-1, targets.ids, targets.valid.to(log_u.dtype)) > 0
+    rest_u = log_u.masked_fill(covered, -torch.inf)
+    rest_u = rest_u - torch.logsumexp(rest_u, dim=-1, keepdim=True)
+    rest_s = log_s.masked_fill(covered, -torch.inf)
+    rest_s = rest_s - torch.logsumexp(rest_s, dim=-1, keepdim=True)
+    terms = rest_u.exp() * (rest_u - rest_s)
+    return torch.where(covered | ~torch.isfinite(rest_u), torch.zeros_like(terms), terms).sum(-1)
 
 
 def forward_kl(student_logits: torch.Tensor, targets: SparseTargets, tau: float = 1.0) -> torch.Tensor:

@@ -189,7 +189,30 @@ def _losses(task: Task, o: dict) -> dict:
     if sparse_targets(z_u):  # the tutor's mass outside the teacher's entries, summed over real tokens
         mask = (y[:, 1:] != -100) & (o["m"].mask[:, None] > 0)
         o["tutor_tail"] = (float(torch.where(mask, z_u.tail.exp(), torch.zeros(())).sum()), float(mask.sum()))
+    if sparse_targets(o["z_t"]) and not sparse_targets(o["z_u"]) and task.term == "kl":
+        o["sel_t"], o["sel_u"] = _decision_losses(task, o, z_u)
     return o
+
+
+def _decision_losses(task: Task, o: dict, z_u: "sparse.SparseTargets") -> tuple[torch.Tensor, torch.Tensor]:
+    """What the policy compares when a sparse cached teacher meets a live (dense) tutor under the
+    forward KL: each source's loss plus ``α · τ² · p(tail) · KL(u_rest ‖ s_rest)``, the divergence
+    inside the teacher's tail that the bins cannot see (:func:`hpc_kd.sparse.tail_kl`). The tutor's
+    loss becomes its dense loss (the chain rule of KL); the teacher's is its tail filled in the
+    tutor's shape. On the bins alone, a tutor that puts its mass where the teacher has none hides
+    its disagreement with the student in one bin and wins by it: on the embedded SmolLM2 the
+    sparse decision then went to the tutor at every sequence where the dense one gave a quarter to
+    the teacher (``benchmarks/sparse_decisions.py``). Equal tails still tie exactly; the student
+    still learns from the training losses ``l_t`` and ``l_u``, this is only what is compared."""
+    y = o["m"].batch["labels"]
+    mask = y[:, 1:] != -100
+    inside = sparse.tail_kl(o["z_s"][:, :-1].detach(), o["z_u"].detach()[:, :-1], o["z_t"], task.tau)
+    weight = task.alpha * task.tau * task.tau
+
+    def added(tail: torch.Tensor) -> torch.Tensor:
+        return weight * losses.token_mean(tail.exp() * inside, mask)
+
+    return o["l_t"].detach() + added(o["z_t"].tail), o["l_u"].detach() + added(z_u.tail)
 
 
 def _on_support(z, teacher: "sparse.SparseTargets", tau: float) -> "sparse.SparseTargets":
@@ -234,7 +257,7 @@ def select(policy: Policy, outs: list[dict], step: int, total_steps: int, seed: 
         else:
             z = [o["z_s"][:r], o["z_t"][:r], o["z_u"][:r].float()]
             label = y[:r, None].to(torch.float32)
-        cols = [o["l_t"][:r, None], o["l_u"][:r, None], *z, label]
+        cols = [o.get("sel_t", o["l_t"])[:r, None], o.get("sel_u", o["l_u"])[:r, None], *z, label]
         return torch.cat([c.detach().to(torch.float64).cpu() for c in cols], dim=1)
 
     table = distributed.gather_rows(torch.cat([rows(o) for o in outs]))

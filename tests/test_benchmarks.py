@@ -23,6 +23,24 @@ def test_sparse_fidelity_runs_on_a_decoder(tiny_decoder):
                      "sampled (one draw set)", "sampled (mean of 2)"]
 
 
+def test_sparse_decisions_runs_on_a_decoder(tiny_decoder):
+    """benchmarks/sparse_decisions.py on the tiny decoder: every comparison's row. (Its random
+    models are near uniform, so their decisions are noise: what the comparison does is pinned in
+    tests/test_sparse.py, the figures are the embedded teacher's, in benchmarks/README.md.)"""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sparse_decisions.py"), "--teacher", str(tiny_decoder),
+                          "--pairs", "2:3,1:3,1:2", "--sequences", "16", "--batch-size", "4", "--max-length", "16",
+                          "--k", "4", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, env=process_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:-1]]
+            for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| targets")}
+    assert list(rows) == ["top-4 log8 + tail divergence (hpc_kd's decision)", "top-4 float32, bins only",
+                          "top-4 float16, bins only", "top-4 log8, bins only", "top-4 log8, bins only, tutor dense (unprojected)",
+                          "top-4 log8, bins only, union with the tutor's top-4", "sampled 4 draws, tutor on the draws"]
+    assert all(0 <= v <= 1 for row in rows.values() for v in row[:5])
+    assert "decisions: 48 per sequence, 12 per batch" in out.stdout
+
+
 @pytest.mark.slow
 def test_cache_size_runs_on_a_decoder(tiny_decoder):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cache_size.py"), "--pretrained", str(tiny_decoder),

@@ -231,7 +231,8 @@ def pair_reference(quiet_model, glue_files, tmp_path_factory):
     return plan
 
 
-ZERO = {"zero0": {"zero_stage": 0}, "zero1": {"zero_stage": 1}, "zero2": {"zero_stage": 2},
+# ZeRO 1 runs in the resumed pair (RESUME), against its uninterrupted twin: one chain less to keep CI short
+ZERO = {"zero0": {"zero_stage": 0}, "zero2": {"zero_stage": 2},
         "zero3-accumulation2": {"zero_stage": 3, "gradient_accumulation": 2}}
 RESUME = {"zero_stage": 1, "gradient_accumulation": 2}
 

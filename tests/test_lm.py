@@ -225,6 +225,7 @@ def test_a_tutor_identical_to_the_teacher_ties_with_the_sparse_teacher(tiny_deco
     o = _losses(task, {"m": Micro(batch, torch.ones(8), 0, 8), "z_s": student, "z_u": tutor.logits(batch),
                        "z_t": targets(teacher, batch)})
     assert torch.allclose(o["l_t"], o["l_u"], atol=1e-5)
+    assert torch.allclose(o["sel_t"], o["sel_u"], atol=1e-5)  # and what the policy compares (with the tails)
 
 
 def test_a_cached_decoder_chain_resumes_to_identical_results(tiny_decoder, tmp_path):

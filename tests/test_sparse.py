@@ -182,3 +182,57 @@ def test_the_fused_forward_kl_is_the_autograd_one(kind, tau):
     assert torch.allclose(fused, reference, atol=1e-5, rtol=1e-5)
     assert torch.allclose(b.grad, a.grad, atol=1e-6)
     assert sparse.divergence("kl", b.detach(), t, tau).equal(fused.detach())
+
+
+# -- what a TEID decision compares against a sparse teacher (sparse.tail_kl, step._decision_losses) --
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_the_tail_divergence_completes_the_bins_to_the_dense_kl(tau):
+    """The chain rule of KL: on a target's bins plus its tail mass times the divergence inside the
+    tail, a dense tutor's loss is its dense loss exactly."""
+    z_u = 2.0 * torch.randn(3, 5, V, generator=GEN)
+    targets = sparse.top_k(Z_T, 8, tau)
+    tutor = sparse.project(z_u, targets, tau)
+    completed = sparse.divergence("kl", Z_S, tutor, tau) + tau * tau * tutor.tail.exp() * sparse.tail_kl(Z_S, z_u, targets, tau)
+    assert torch.allclose(completed, dense("kl", z_t=z_u, tau=tau), atol=1e-5)
+    full = sparse.top_k(Z_T, V, tau)  # no tail: nothing inside it
+    assert torch.equal(sparse.tail_kl(Z_S, z_u, full, tau), torch.zeros(3, 5))
+
+
+def _decision(z_t: "sparse.SparseTargets", z_u: torch.Tensor, z_s: torch.Tensor, alpha: float = 0.5):
+    """The per-sequence losses a policy compares (``hpc_kd.step._losses``), for logits [B, T, V]
+    whose first T − 1 positions the teacher's targets cover."""
+    from hpc_kd.step import Micro, Task, _losses
+
+    labels = torch.randint(0, V, z_s.shape[:2], generator=GEN)
+    batch = {"labels": labels, "input_ids": labels, "attention_mask": torch.ones_like(labels)}
+    o = _losses(Task(None, None, None, tau=1.0, alpha=alpha, term="kl"),
+                {"m": Micro(batch, torch.ones(len(z_s)), 0, len(z_s)), "z_s": z_s, "z_t": z_t, "z_u": z_u})
+    return o
+
+
+@pytest.mark.parametrize("precision", ["float32", "float16", "log8"])
+def test_an_identical_tutor_still_ties_in_the_decision(precision):
+    z_t = torch.cat([Z_T, Z_T[:, :1]], dim=1)  # [3, 6, V]: positions 0..4 are the teacher's targets
+    z_s = torch.cat([Z_S, Z_S[:, :1]], dim=1)
+    o = _decision(sparse.stored(sparse.top_k(Z_T, 8), precision), z_t.clone(), z_s)
+    assert torch.equal(o["sel_t"], o["sel_u"]) and (o["sel_t"] > o["l_t"]).all()
+
+
+def test_the_decision_sees_a_tutor_that_disagrees_with_the_student_inside_the_teachers_tail():
+    """A tutor that puts its mass where the teacher has little, spread unlike the student: on the
+    bins alone its disagreement with the student is one tail bin and it wins; with the divergence
+    inside the tail (its dense loss against the teacher's tail filled in its shape) the decision
+    is the dense one."""
+    z_t = torch.cat([Z_T, Z_T[:, :1]], dim=1)
+    z_s = torch.cat([Z_S, Z_S[:, :1]], dim=1)
+    targets = sparse.stored(sparse.top_k(Z_T, 8), "log8")
+    outside = torch.ones(3, 6, V, dtype=torch.bool).scatter_(-1, torch.cat([targets.ids, targets.ids[:, :1]], 1), False)
+    z_u = torch.where(outside, 3.0 - 2.0 * z_s, z_t)  # the tail of the tutor: heavy, and opposite to the student
+    o = _decision(targets, z_u, z_s, alpha=1.0)
+    dense_t = losses.token_mean(dense("kl", z_s=Z_S, z_t=Z_T), torch.ones(3, 5))
+    dense_u = losses.token_mean(dense("kl", z_s=Z_S, z_t=z_u[:, :-1]), torch.ones(3, 5))
+    assert (dense_t < dense_u).all()  # dense: the teacher is closer to the student
+    assert (o["l_t"] > o["l_u"]).all()  # on the bins alone the tutor would win every sequence
+    assert (o["sel_t"] < o["sel_u"]).all()  # the decision is the dense one
+    assert torch.allclose(o["sel_u"], dense_u, atol=2e-2)  # the tutor's: its dense loss (up to log8)
