@@ -149,8 +149,7 @@ def main(argv=None) -> int:
 
     d_seq = torch.cat([torch.cat(dense[p]) for p in pairs]).cpu()
     d_batch = torch.stack([m.mean() for p in pairs for m in dense[p]]).cpu()
-    rel = d_seq.abs() / (torch.cat([torch.cat(dense[p]) for p in pairs]).abs().median() + 1e-12)
-    close = rel <= rel.median()
+    close = d_seq.abs() <= d_seq.abs().median()  # the closer half of the sequence decisions
     print(f"\n# {lm.machine(device)}; {args.dtype}")
     print(f"# teacher {args.teacher} ({teacher.config.num_hidden_layers} layers, vocabulary {vocab}); "
           f"student:tutor depths {args.pairs} (uniform layers, untrained); {len(val)} sequences cut at "
