@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hpc_kd import sparse  # noqa: E402
-from hpc_kd.losses import DIVERGENCES  # noqa: E402
+from hpc_kd.divergences import DIVERGENCES  # noqa: E402
 
 
 def _from_logits(z, targets, rest):

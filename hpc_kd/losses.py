@@ -15,10 +15,11 @@ Golden values in ``tests/test_losses.py`` pin the numbers across refactors.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+
+from . import sparse
+from .divergences import DIVERGENCES
 
 
 def cross_entropy(z_s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -62,21 +63,6 @@ def _log_probs(z: torch.Tensor, tau: float) -> torch.Tensor:
     return F.log_softmax(z.float() / tau, dim=-1)
 
 
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """``KL(p ‖ q) = Σ p (log p − log q)`` over the last dimension, with 0 · log 0 = 0."""
-    p = log_p.exp()
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
-
-
-def _mixture(log_p: torch.Tensor, log_q: torch.Tensor, w: float) -> torch.Tensor:
-    """``log(w · p + (1 − w) · q)``, computed in log space."""
-    if w <= 0:
-        return log_q
-    if w >= 1:
-        return log_p
-    return torch.logaddexp(log_p + math.log(w), log_q + math.log(1 - w))
-
-
 # The divergence family (``distill.loss``). Every term takes student and teacher logits of shape
 # [..., V] (V classes, or a vocabulary) and returns one value per position, shape [...]: the
 # divergence is summed over the last dimension, nothing else is reduced. A classifier's batch
@@ -85,41 +71,6 @@ def _mixture(log_p: torch.Tensor, log_q: torch.Tensor, w: float) -> torch.Tensor
 # over examples (the trainer's). Distributions are ``softmax(z / τ)``; every term but ``mse`` is
 # scaled by τ² (Hinton's factor, which keeps the gradient's size independent of τ), and all are 0
 # when the student equals the teacher. p_T is the teacher's distribution, p_S the student's.
-
-
-def forward_kl(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
-    return _kl(log_t, log_s)
-
-
-def reverse_kl(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
-    return _kl(log_s, log_t)
-
-
-def jsd(log_s: torch.Tensor, log_t: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
-    if beta <= 0:
-        return forward_kl(log_s, log_t)
-    if beta >= 1:
-        return reverse_kl(log_s, log_t)
-    m = _mixture(log_t, log_s, beta)
-    return beta * _kl(log_t, m) + (1 - beta) * _kl(log_s, m)
-
-
-def skew_kl(log_s: torch.Tensor, log_t: torch.Tensor, lam: float = 0.1) -> torch.Tensor:
-    return _kl(log_t, _mixture(log_t, log_s, lam))
-
-
-def skew_reverse_kl(log_s: torch.Tensor, log_t: torch.Tensor, lam: float = 0.1) -> torch.Tensor:
-    return _kl(log_s, _mixture(log_s, log_t, lam))
-
-
-def tv(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(dim=-1)
-
-
-#: the divergences on log-probabilities (student, teacher), unscaled: the ``*_term`` functions
-#: below apply them to tempered softmaxes, :mod:`hpc_kd.sparse` to sparse targets' bins.
-DIVERGENCES = {"kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "skew_kl": skew_kl,
-               "skew_reverse_kl": skew_reverse_kl, "tv": tv}
 
 
 def _term(name: str, z_s: torch.Tensor, z_t: torch.Tensor, tau: float, **args) -> torch.Tensor:
@@ -203,7 +154,7 @@ def distillation_loss(
     carry no gradient. For regression (one output): ``α · (z_S − z_T)² + (1 − α) · (z_S − y)²``.
     ``term`` names any of :data:`DISTILL_TERMS` (``args``: its parameters, e.g. ``{"beta": 0.5}``).
     """
-    if hasattr(z_t, "bins"):  # a language model's sparse targets [B, T − 1, k] (hpc_kd.sparse)
+    if isinstance(z_t, sparse.SparseTargets):  # a language model's sparse targets [B, T − 1, k]
         soft = token_mean(_sparse_per_token(term, z_s, z_t, y, tau, args), y[:, 1:] != -100)
     elif language_model(z_s):  # per token, then the mean over each sequence's predicted tokens
         per_token = DISTILL_TERMS[term](z_s[:, :-1], z_t[:, :-1].detach(), tau, **(args or {}))
@@ -218,13 +169,11 @@ def distillation_loss(
 def _sparse_per_token(term: str, z_s: torch.Tensor, targets, y: torch.Tensor, tau: float, args) -> torch.Tensor:
     """The divergence against sparse targets at the predicted (unpadded) tokens only, 0 elsewhere
     (padding positions hold no distribution, and are never computed)."""
-    from .sparse import SparseTargets, divergence
-
     mask = y[:, 1:] != -100
     at = mask.nonzero(as_tuple=True)
-    picked = SparseTargets(targets.ids[at], targets.log_probs[at], targets.tail[at])
+    picked = sparse.SparseTargets(targets.ids[at], targets.log_probs[at], targets.tail[at])
     out = torch.zeros(mask.shape, dtype=torch.float32, device=z_s.device)
-    out[at] = divergence(term, z_s[:, :-1][at], picked, tau, **(args or {}))
+    out[at] = sparse.divergence(term, z_s[:, :-1][at], picked, tau, **(args or {}))
     return out
 
 

@@ -24,7 +24,7 @@ Two ways to choose the k entries:
 **How the tail enters every loss** (:func:`divergence`): teacher and student are compared on the
 same support, the target's entries plus one tail bin. The student's bins are its probabilities of
 the target's tokens (from its full softmax) and, in the tail bin, the mass of every other token;
-the teacher's are the stored probabilities and its tail. Any divergence of :data:`hpc_kd.losses.DIVERGENCES` is
+the teacher's are the stored probabilities and its tail. Any divergence of :data:`hpc_kd.divergences.DIVERGENCES` is
 then computed on those bins. This is exact when the entries cover the vocabulary; otherwise it is
 the divergence between the two distributions coarse-grained onto the bins, which for every
 divergence of the family is at most the dense one (data processing), with equality when the
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .losses import DIVERGENCES
+from .divergences import DIVERGENCES
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def on_support(logits: torch.Tensor, targets: SparseTargets, tau: float = 1.0) -
 
 
 def divergence(name: str, student_logits: torch.Tensor, targets: SparseTargets, tau: float = 1.0, **args) -> torch.Tensor:
-    """``τ² · D(student ‖ teacher)`` of :data:`hpc_kd.losses.DIVERGENCES` on the target's bins (see
+    """``τ² · D(student ‖ teacher)`` of :data:`hpc_kd.divergences.DIVERGENCES` on the target's bins (see
     the module docstring), per position: [..., V] logits and [..., k] targets give [...]."""
     if name not in DIVERGENCES:
         raise ValueError(f"{name!r} needs dense logits; sparse targets serve {', '.join(DIVERGENCES)}")
