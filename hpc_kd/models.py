@@ -371,12 +371,6 @@ def save_model(model, tokenizer, path: str | Path) -> None:
 PROMPTS = ("This movie was", "The acting in this film", "I would not recommend")
 
 
-def greedy_continuations(model, tokenizer, prompts=PROMPTS, new_tokens: int = 24, device="cpu") -> dict[str, str]:
-    """Each prompt's greedy continuation (``new_tokens`` tokens, no sampling), decoded."""
-    ids = greedy_ids(model, tokenizer, prompts, new_tokens, device)
-    return {prompt: tokenizer.decode(ids[prompt], skip_special_tokens=True) for prompt in prompts}
-
-
 def greedy_ids(model, tokenizer, prompts=PROMPTS, new_tokens: int = 24, device="cpu",
                rendered: bool = False) -> dict[str, list[int]]:
     """Each prompt's greedy continuation (``new_tokens`` tokens, no sampling; ``rendered``: chat

@@ -52,15 +52,6 @@ class Plan:
     cells: tuple[Cell, ...]
     grid_keys: tuple[str, ...]
 
-    def dependents(self, key: str) -> list[str]:
-        """Every stage that needs ``key``, directly or not."""
-        out, frontier = [], {key}
-        for k, stage in self.stages.items():
-            if any(ref.stage in frontier for ref in stage.inputs()):
-                out.append(k)
-                frontier.add(k)
-        return out
-
 
 def chain(cfg: ExperimentConfig) -> list[Stage]:
     """The stages of one cell, in dependency order."""
