@@ -81,6 +81,23 @@ def _fill(row: dict, res: dict) -> None:
         row["teacher_batches"] = f"{sel['teacher_batches']}/{batches}"
 
 
+def _unigram_row(root: Path, key: str, sweep: dict, teacher: dict) -> list[dict]:
+    """A language model's floor, under its fine-tuned teacher's row: the unigram model of the
+    training tokens (``result.json``'s ``unigram``, add-one smoothed; :func:`hpc_kd.metrics.unigram_nll`)."""
+    if teacher["state"] != State.DONE or teacher["metric"] != "token_nll":
+        return []
+    floor = SweepDir(root).run(key, sweep["stages"][key]).result().get("unigram")
+    if not floor:  # a teacher from before the floor was recorded
+        return []
+    row = {c: None for c in COLUMNS}
+    row.update({k: teacher.get(k) for k in ("task",) if k in teacher})
+    row.update({"role": "unigram", "metric": "token_nll", "state": State.DONE, "run": key, "collapsed": False})
+    for split, prefix in (("validation", "val"), ("test", "test")):
+        if split in floor:
+            row[f"{prefix}_nll"], row[f"{prefix}_score"] = floor[split], -floor[split]
+    return [row]
+
+
 def collect(root: str | Path, states: dict | None = None) -> list[dict]:
     """One row per shared teacher / tutor, then one per (cell, iteration) student. ``states``:
     each stage's :class:`hpc_kd.status.StageStatus` (default: looked up now, asking the scheduler
@@ -97,6 +114,7 @@ def collect(root: str | Path, states: dict | None = None) -> list[dict]:
             if role(key) in ("teacher", "tutor") and key not in seen:
                 seen.add(key)
                 rows.append(_row(root, key, sweep, task, states))
+                rows.extend(_unigram_row(root, key, sweep, rows[-1]))
     for cell in sweep["cells"]:
         # grid axes that have no column of their own (tau, alpha, ...) get one, by last key part
         axes = {AXIS_NAMES.get(k, k.rsplit(".", 1)[-1]): v for k, v in cell["values"].items() if k not in STANDARD_AXES}

@@ -144,6 +144,23 @@ DEGENERATE_SHARE = 0.9
 REPEAT_N, DEGENERATE_REPEAT = 4, 0.5
 
 
+def learnt_tokens(encoded) -> np.ndarray:
+    """Every learnt next token of a language model's split (an ``hpc_kd.data.Encoded``): the token
+    after each position whose next token is learnt, all sequences in order."""
+    parts = [np.asarray(encoded.tokens[i])[encoded.positions(i) + 1] for i in range(len(encoded))]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def unigram_nll(train: np.ndarray, evaluated: np.ndarray, vocab: int) -> float:
+    """The floor any language model must beat: the token NLL on ``evaluated`` tokens of a unigram
+    model counted on ``train`` tokens, add-one smoothed over ``vocab`` entries,
+    ``p(w) = (c(w) + 1) / (N + V)``; total NLL / total tokens, like ``token_nll``."""
+    counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=vocab).astype(np.float64)
+    log_p = np.log(counts + 1.0) - np.log(counts.sum() + vocab)
+    evaluated = np.asarray(evaluated, dtype=np.int64)
+    return float(-log_p[evaluated].sum() / max(len(evaluated), 1))
+
+
 def lm_metrics(nll, tokens, right, top1_counts) -> dict:
     """A language model's metrics from per-sequence sums: ``nll`` (summed next-token negative
     log-likelihood), ``tokens`` (predicted tokens), ``right`` (tokens whose top-1 was the gold next

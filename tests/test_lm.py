@@ -306,6 +306,20 @@ def test_a_language_model_sweep_gets_its_own_table_and_statistics(tiny_decoder, 
     rows = collect(root)
     students = {(r["policy"], r["seed"]): r for r in rows if r["role"] == "student"}
     assert all(r["metric"] == "token_nll" and r["val_score"] == -r["val_nll"] for r in students.values())
+    # the floor under the teacher's row: a unigram of the training tokens, add-one smoothed
+    assert [r["role"] for r in rows[:2]] == ["teacher", "unigram"]
+    from hpc_kd.data import Dataset
+    from hpc_kd.metrics import learnt_tokens, unigram_nll
+    from hpc_kd.models import load_tokenizer
+    from hpc_kd.plan import load_plan
+
+    plan = load_plan(tmp_path / "s.yaml")
+    teacher = plan.stages[list(plan.stages)[0]]
+    data = Dataset.build(teacher.data, load_tokenizer(str(teacher.run_dir(plan.root).model)))
+    vocab = json.loads((teacher.run_dir(plan.root).model / "config.json").read_text())["vocab_size"]
+    expected = unigram_nll(learnt_tokens(data.encoded["train"]), learnt_tokens(data.encoded["test"]), vocab)
+    assert rows[1]["test_nll"] == pytest.approx(expected) and rows[1]["test_score"] == -rows[1]["test_nll"]
+    assert "| unigram |" in (root / "table.md").read_text()
     table = (root / "table.md").read_text()
     assert "| test_nll |" in table and "| val_ppl | agreement |" in table and "val_score" not in table
     (paired,) = paired_vs_kd(root, rows, n_boot=200)

@@ -90,3 +90,33 @@ def test_resampled_scores_equal_the_metric_on_each_resample(metric):
     got = resampled_scores(metric, labels, preds, idx, num_labels=num)
     want = [task_metrics(labels[i], preds[i], num, metric)["score"] for i in idx]
     assert got == pytest.approx(want)
+
+
+def test_the_unigram_floor_is_add_one_smoothed_counts():
+    """Golden: training tokens [1, 1, 2] over 4 entries: p = (c + 1) / (3 + 4), i.e. 3/7, 2/7,
+    1/7 for tokens 1, 2 and the unseen 0 or 3; evaluated on [1, 3]."""
+    import math
+
+    from hpc_kd.metrics import unigram_nll
+
+    assert unigram_nll(np.array([1, 1, 2]), np.array([1, 3]), 4) == pytest.approx(-(math.log(3 / 7) + math.log(1 / 7)) / 2)
+
+
+class _Split:
+    """What learnt_tokens reads of an hpc_kd.data.Encoded: tokens, positions(i), len."""
+
+    def __init__(self, tokens, positions):
+        self.tokens, self.positions = tokens, positions
+
+    def __len__(self):
+        return len(self.tokens)
+
+
+def test_learnt_tokens_are_the_next_tokens_of_the_learnt_positions():
+    from hpc_kd.metrics import learnt_tokens
+
+    tokens = [np.array([5, 6, 7]), np.array([8, 9])]
+    document = _Split(tokens, lambda i: np.arange(len(tokens[i]) - 1))  # every position but the last
+    chat = _Split(tokens, lambda i: np.array([1]) if i == 0 else np.array([], dtype=np.int64))  # a response's only
+    assert learnt_tokens(document).tolist() == [6, 7, 9]
+    assert learnt_tokens(chat).tolist() == [7]
