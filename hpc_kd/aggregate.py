@@ -18,12 +18,13 @@ from .rundir import SweepDir, sweep_dir_argument, write_atomic
 from .status import State, ordered, stage_states
 
 COLUMNS = ["role", "depth", "iteration", "chain", "policy", "seed", "tutor_update", "metric", "test_score",
-           "test_acc", "test_macro_f1", "test_nll", "val_score", "val_acc", "val_macro_f1", "val_nll", "val_ppl",
-           "test_choice_acc", "val_choice_acc", "agreement", "teacher_share", "teacher_batches", "collapsed", "params", "state", "run"]
+           "test_acc", "test_macro_f1", "test_nll", "test_nll_start", "val_score", "val_acc", "val_macro_f1", "val_nll",
+           "val_ppl", "test_choice_acc", "val_choice_acc", "agreement", "teacher_share", "teacher_batches", "collapsed",
+           "params", "state", "run"]
 #: ``test_score`` / ``val_score`` are the task's metric (``metric``; a language model's is −token
 #: NLL, and its rows show ``*_nll``, validation perplexity and top-1 agreement with the teacher, with
 #: ``collapsed`` its degenerate flag, and with ``data.choices`` ``*_choice_acc``, its choice
-#: accuracy); a run's further evaluated
+#: accuracy, and ``test_nll_start``, its test token NLL before its first step); a run's further evaluated
 #: splits (``data.also_evaluate``) add ``<split>_score``. A sweep over ``data.name`` has a ``task``
 #: column.
 
@@ -67,6 +68,7 @@ def _fill(row: dict, res: dict) -> None:
             row[f"{prefix}_choice_acc"] = res[split].get("choice_accuracy")
             for part, name in COMPONENTS.get(res[split].get("metric"), ()):  # a combined metric's parts
                 row[f"{prefix}_{name}"] = res[split].get(part)
+    row["test_nll_start"] = res.get("initial_token_nll", {}).get("test")  # a language model before its first step
     row["val_ppl"] = res["validation"].get("perplexity")
     row["agreement"] = res["validation"].get("teacher_agreement")
     for split, value in res.items():  # data.also_evaluate

@@ -110,6 +110,7 @@ class Progress:
     metrics_lines: int = 0
     window: list = field(default_factory=lambda: [0.0, 0, 0.0])  # loss sum, steps, teacher weight sum since last log
     probe_loss: float | None = None  # the student's loss on the held-out probe slice
+    initial: dict | None = None  # a language model's token NLL per split before its first step
     threads: int = 0  # torch CPU threads the run started with (a resumed run keeps them)
     selection: dict = field(default_factory=dict)  # this epoch's counts
 
@@ -319,6 +320,9 @@ class Trainer:
             self.p.threads = torch.get_num_threads()
         if self.probe is not None and self.p.probe_loss is None:
             self.p.probe_loss = self._probe_loss()
+        if self.data.encoded["train"].lm and self.p.initial is None:  # where it started: did it learn?
+            self.p.initial = {split: self._evaluate(self.student.model, split)["token_nll"]
+                              for split in ("validation", "test") if split in self.data.encoded}
         started = time.time()
         while not self.p.stopped and self.p.epoch < self.cfg.epochs:
             self._train_epoch()
@@ -426,6 +430,8 @@ class Trainer:
         best = load_classifier(self.run.model).to(self.device)
         result = {"kind": self.task.kind, "threads": self.p.threads, "best_epoch": self.p.best_epoch, "epochs_run": self.p.epoch,
                   "steps": self.p.step, "train_seconds": round(seconds, 2)}
+        if self.p.initial is not None:
+            result["initial_token_nll"] = self.p.initial
         for split in self.data.reported:  # validation, test, data.also_evaluate
             result[split] = self._evaluate(best, split, per_example=True, reference=self.reference)
         epochs = [m for m in self.run.metrics() if m["type"] == "epoch"]

@@ -34,7 +34,7 @@ from .rundir import SweepDir, write_atomic
 
 GROUP_OMIT = ("seed", "val_acc", "val_macro_f1", "test_acc", "test_macro_f1", "teacher_share", "teacher_batches",
               "collapsed", "params", "state", "run", "role", "metric", "test_nll", "val_nll", "val_ppl", "agreement",
-              "test_choice_acc", "val_choice_acc",
+              "test_choice_acc", "val_choice_acc", "test_nll_start",
               *(f"{split}_{part}" for split in ("val", "test") for part in ("f1", "pearson", "spearman")))
 SPLIT_KEY = {"test": "test", "validation": "val"}
 

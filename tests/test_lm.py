@@ -320,6 +320,11 @@ def test_a_language_model_sweep_gets_its_own_table_and_statistics(tiny_decoder, 
     expected = unigram_nll(learnt_tokens(data.encoded["train"]), learnt_tokens(data.encoded["test"]), vocab)
     assert rows[1]["test_nll"] == pytest.approx(expected) and rows[1]["test_score"] == -rows[1]["test_nll"]
     assert "| unigram |" in (root / "table.md").read_text()
+    # where each model started (its test NLL before its first step, kept in the checkpoint)
+    for r in [rows[0], *students.values()]:
+        start = json.loads((root / "runs" / r["run"] / "result.json").read_text())["initial_token_nll"]
+        assert r["test_nll_start"] == start["test"] and start["test"] != r["test_nll"] and start["validation"] > 0
+    assert "| test_nll_start |" in (root / "table.md").read_text()
     table = (root / "table.md").read_text()
     assert "| test_nll |" in table and "| val_ppl | agreement |" in table and "val_score" not in table
     (paired,) = paired_vs_kd(root, rows, n_boot=200)
