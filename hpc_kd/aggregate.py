@@ -92,7 +92,8 @@ def _unigram_row(root: Path, key: str, sweep: dict, teacher: dict) -> list[dict]
     if not floor:  # a teacher from before the floor was recorded
         return []
     row = {c: None for c in COLUMNS}
-    row.update({k: teacher.get(k) for k in ("task",) if k in teacher})
+    if "task" in teacher:  # a sweep over data.name
+        row["task"] = teacher["task"]
     row.update({"role": "unigram", "metric": "token_nll", "state": State.DONE, "run": key, "collapsed": False})
     for split, prefix in (("validation", "val"), ("test", "test")):
         if split in floor:

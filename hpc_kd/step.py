@@ -189,7 +189,8 @@ def _losses(task: Task, o: dict) -> dict:
     if sparse_targets(z_u):  # the tutor's mass outside the teacher's entries, summed over real tokens
         mask = (y[:, 1:] != -100) & (o["m"].mask[:, None] > 0)
         o["tutor_tail"] = (float(torch.where(mask, z_u.tail.exp(), torch.zeros(())).sum()), float(mask.sum()))
-    if sparse_targets(o["z_t"]) and not sparse_targets(o["z_u"]) and task.term == "kl":
+    # what the policy compares: once, in the first pass (a second pass only recomputes the gradients)
+    if sparse_targets(o["z_t"]) and not sparse_targets(o["z_u"]) and task.term == "kl" and "sel_t" not in o:
         o["sel_t"], o["sel_u"] = _decision_losses(task, o, z_u)
     return o
 
