@@ -27,16 +27,21 @@ from .step import Micro, Task, new_selection, train_step
 
 
 def param_groups(model, cfg: TrainConfig) -> list[dict]:
-    """AdamW parameter groups: weight decay on matrices, none on biases and LayerNorm."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    """AdamW parameter groups over the trainable parameters: weight decay on matrices, none on
+    biases and LayerNorm."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def adamw(model, cfg: TrainConfig) -> torch.optim.AdamW:
     """The optimiser of every trainee: AdamW over :func:`param_groups`, fused (one kernel for all
     parameters: on CPU five times faster than the per-parameter loop, which for a small student
-    was 40% of a step; the same update up to rounding)."""
+    was 40% of a step; the same update up to rounding). ``cfg.freeze_embeddings`` takes the input
+    token embeddings (and the output layer tied to them) out of training first."""
+    if cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, fused=True)
 
 

@@ -35,9 +35,12 @@ DISPLAY_FIELDS = ("role", "iteration")
 
 def _without_execution(settings: dict) -> dict:
     """A train section's ``deepspeed`` is how the stage runs, not what it computes: it is left
-    out of the signature, except a precision other than fp32 (which changes the numbers)."""
+    out of the signature, except a precision other than fp32 (which changes the numbers). Its
+    keys added later are left out at their default (:data:`LATER_TRAIN_KEYS`)."""
     for key in ("train", "tutor_train"):
         train = settings.get(key)
+        if isinstance(train, dict):
+            settings[key] = train = _later_dropped(train, LATER_TRAIN_KEYS)
         if isinstance(train, dict) and "deepspeed" in train:
             ds = train.pop("deepspeed")
             if ds and ds["precision"] != "fp32":
@@ -45,6 +48,8 @@ def _without_execution(settings: dict) -> dict:
     return settings
 
 
+#: train keys added after schema 2, left out of a signature at their default
+LATER_TRAIN_KEYS = {"freeze_embeddings": False}
 #: stage fields added after schema 2, left out of a signature at their default (as below)
 LATER_FIELDS = {"loss_args": None, "sparse": None, "support": None, "arch": None}
 #: data keys added after schema 2, left out of a signature at their default, so that runs from

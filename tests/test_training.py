@@ -162,6 +162,24 @@ def test_signature_ignores_operational_settings(tiny_model, tmp_path):
     assert list(a.stages)[:2] == list(c.stages)[:2] and list(a.stages)[2:] != list(c.stages)[2:]
 
 
+def test_frozen_embeddings_stay_as_built_and_change_only_the_trained_stages_key(tiny_model, tmp_path):
+    def student_embeddings(freeze: bool):
+        train = {"lr": 1e-3, "batch_size": 16, "epochs": 1, "freeze_embeddings": freeze}
+        plan = make_plan(tiny_model, tmp_path, distill={"policy": "teacher"}, student={"train": train})
+        *upstream, student = plan.stages
+        run_plan(plan, only=upstream)
+        seen = []
+        run_plan(plan, only=[student], on_step=lambda trainer, record: seen.append(
+            (trainer.student.model.get_input_embeddings().weight.detach().clone(), params_hash(trainer.student.model))))
+        return list(plan.stages), seen
+
+    keys, trained = student_embeddings(False)
+    frozen_keys, frozen = student_embeddings(True)
+    assert frozen_keys[:-1] == keys[:-1] and frozen_keys[-1] != keys[-1]  # the default is left out of keys
+    assert len(frozen) > 1 and torch.equal(frozen[0][0], frozen[-1][0]) and frozen[0][1] != frozen[-1][1]
+    assert not torch.equal(trained[0][0], trained[-1][0])
+
+
 def test_checkpoint_holds_no_pickled_objects(tiny_model, tmp_path):
     plan = make_plan(tiny_model, tmp_path)
     teacher = next(iter(plan.stages.values()))
