@@ -430,7 +430,8 @@ class StudentConfig:
 class DistillConfig:
     """How the student learns from its teacher and tutor."""
 
-    #: selection policy (see hpc_kd.policies): "teacher" is plain KD, "min_loss" the paper's rule.
+    #: selection policy (see hpc_kd.policies): "teacher" is plain KD, "min_loss" the paper's rule,
+    #: "none" no teacher at all (the baseline: the gold labels, or next tokens, alone).
     policy: str = "min_loss"
     #: temperature τ of the soft targets (> 0).
     tau: float = 1.0

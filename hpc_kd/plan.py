@@ -86,6 +86,12 @@ def chain(cfg: ExperimentConfig) -> list[Stage]:
             return {"init_from": teacher_ref, "layers": layers, "init": "random", "arch": section.config.sizes()}
         return {"init_from": source(section.init_from, teacher_ref), "layers": layers, "init": section.init}
 
+    if not POLICIES[d.policy].needs_teacher:  # the baseline: no targets, no tutor; the teacher tokenises
+        for iteration, depth in enumerate(cfg.student.layers, start=1):
+            stages.append(Distill(cfg.data, teacher_ref, None, **built(cfg.student, depth), seed=cfg.seed,
+                                  train=cfg.student.train, policy=d.policy, tau=1.0, alpha=0.0, loss="kl",
+                                  role="student", iteration=iteration))
+        return stages
     loss_args = term_args(d) or None
     tutor = Distill(cfg.data, teacher_ref, None, seed=cfg.tutor.seed, **built(cfg.tutor, cfg.tutor.layers),
                     train=cfg.tutor.train, policy="teacher", tau=d.tau, alpha=d.alpha, loss=d.loss,

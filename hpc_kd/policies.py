@@ -12,7 +12,8 @@ errors (to each source's prediction, mixed with the gold one), compared like any
 A batch-level policy returns all ones or all zeros. A policy with ``mixes_targets`` instead
 mixes the two target distributions with ``w`` (the ensemble). A policy with a ``probe`` is told
 the student's progress on a held-out slice after every step (``feedback``, the bandit). A policy
-without ``needs_tutor`` is plain KD: no tutor is built, loaded or cached for it. Stateful policies
+without ``needs_tutor`` is plain KD: no tutor is built, loaded or cached for it; one without
+``needs_teacher`` either (``none``) is the baseline without a teacher. Stateful policies
 keep their state in plain values returned by ``state_dict()``, which the training checkpoint stores.
 
 The policy only decides ``w``; what is done with it (the student's loss, the tutor's update, the
@@ -53,6 +54,8 @@ class Policy:
     name = "base"
     #: False when the policy never looks at the tutor, so no tutor is needed at all (plain KD).
     needs_tutor = True
+    #: False when the student learns from no model at all (the baseline): no teacher targets.
+    needs_teacher = True
     #: True when ``w`` mixes the two target distributions instead of the two losses.
     mixes_targets = False
     #: constructor arguments, taken from ``distill.<policy>_<param>`` config keys.
@@ -72,6 +75,17 @@ class Policy:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class NoTeacherPolicy(Policy):
+    """No teacher: the student learns from the gold labels (a language model: the next tokens)
+    alone, the baseline that distillation must beat. Nothing is cached, no tutor is built; the
+    stage's soft-target settings are fixed (alpha 0) so that one such run serves every cell of a
+    grid over tau, alpha or the divergence."""
+
+    name = "none"
+    needs_tutor = False
+    needs_teacher = False
 
 
 class TeacherPolicy(Policy):
@@ -283,7 +297,9 @@ class BanditPolicy(Policy):
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (
     TeacherPolicy, TutorPolicy, MinLossPolicy, MinLossSamplePolicy, NormalizedPolicy, CorrectFirstPolicy,
-    RandomPolicy, AnnealPolicy, EnsemblePolicy, BanditPolicy)}
+    RandomPolicy, AnnealPolicy, EnsemblePolicy, BanditPolicy, NoTeacherPolicy)}
+#: the policies that distil (all but the baseline ``none``)
+DISTILLING = tuple(name for name, p in POLICIES.items() if p.needs_teacher)
 
 
 def make_policy(name: str, args: dict | None = None) -> Policy:

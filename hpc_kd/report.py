@@ -14,7 +14,8 @@ correlation for CoLA, the mean of Pearson and Spearman for STS-B).
 - ``paired_vs_kd``: each policy against plain KD (policy ``teacher``) at the same task, depth,
   iteration, chain and seed: the mean paired difference in the headline score with two 95%
   intervals, a t interval over seeds and a paired bootstrap that resamples both sentences of the
-  headline split and seeds (the metric recomputed on every resample).
+  headline split and seeds (the metric recomputed on every resample). ``paired_vs_baseline``:
+  the same against the student trained without a teacher (policy ``none``), where a sweep has one.
 - ``cross_task``: for a sweep over several tasks (``grid: {data.name: [...]}``), one table with a
   column per task (MNLI matched and mismatched apart, a combined metric's parts apart) and the
   average over tasks, as papers print it (named for what it is: "GLUE dev average over N tasks").
@@ -82,8 +83,14 @@ def _axis_cell(value) -> str:
 
 def plain_kd(row: dict) -> bool:
     """A student of plain KD: the plan resolved its tutor mode to ``none`` (no tutor; recorded
-    in sweep.json as ``tutor_update: null``), which is what the paired differences compare to."""
-    return row.get("tutor_update") is None
+    in sweep.json as ``tutor_update: null``) and it has a teacher, which is what the paired
+    differences compare to."""
+    return row.get("tutor_update") is None and not no_teacher(row)
+
+
+def no_teacher(row: dict) -> bool:
+    """A student trained without a teacher (policy ``none``: the gold loss alone)."""
+    return row.get("policy") == "none"
 
 
 def students_done(rows: list[dict]) -> list[dict]:
@@ -139,17 +146,31 @@ def _per_example(root: Path, run: str, split: str, metric: str) -> np.ndarray | 
 def paired_vs_kd(root: Path, rows: list[dict], n_boot: int = 4000, seed: int = 0, split: str | None = None) -> list[dict]:
     """Differences in the task's score on ``split`` (default: the headline split) against plain KD,
     paired by task, depth, iteration, chain, other axes and seed."""
+    return paired_differences(root, rows, plain_kd, n_boot, seed, split)
+
+
+def paired_vs_baseline(root: Path, rows: list[dict], n_boot: int = 4000, seed: int = 0,
+                       split: str | None = None) -> list[dict]:
+    """As :func:`paired_vs_kd`, against the student trained without a teacher (policy ``none``)."""
+    return paired_differences(root, rows, no_teacher, n_boot, seed, split)
+
+
+def paired_differences(root: Path, rows: list[dict], reference, n_boot: int = 4000, seed: int = 0,
+           split: str | None = None) -> list[dict]:
+    """Differences in the task's score on ``split`` (default: the headline split) of every other
+    student against the students for which ``reference(row)`` holds, paired by task, depth,
+    iteration, chain, other axes and seed."""
     split = split or headline_split(rows)
     k = SPLIT_KEY[split]
     done = students_done(rows)
     baseline = {}
     for r in done:
-        if plain_kd(r):
+        if reference(r):
             base_key = tuple((k, v) for k, v in _group_key(r) if k not in ("policy", "tutor_update"))
             baseline[(base_key, r["seed"])] = r
     groups = defaultdict(list)
     for r in done:
-        if not plain_kd(r):
+        if not reference(r):
             groups[_group_key(r)].append(r)
     rng = np.random.default_rng(seed)
     out = []
@@ -236,7 +257,7 @@ def metric_label(rows: list[dict]) -> str:
     return METRIC_NAMES[metrics.pop()] if len(metrics) == 1 else "score"
 
 
-def summary_markdown(summ: list[dict], paired: list[dict]) -> str:
+def summary_markdown(summ: list[dict], paired: list[dict], vs_baseline: list[dict] = ()) -> str:
     split = (summ or paired or [{"split": "validation"}])[0]["split"]
     chained = any((r.get("iteration") or 1) > 1 for r in summ)
     tasks = any(r.get("task") for r in summ)
@@ -274,12 +295,15 @@ def summary_markdown(summ: list[dict], paired: list[dict]) -> str:
         n = f"{r['n']}" + (f" (of {r['of']})" if r["of"] != r["n"] else "")
         lines.append(f"{lead(r)} {n} | {score} |{f1}{val} {share} | {coll} |")
     points = f"{split} {label}, negative is better" if lm else f"{split} {label} points"
-    lines += ["", f"### Difference to plain KD at the same depth, chain and seed ({points}, 95% intervals)", "",
-              head + f" n | Δ {label} | t interval | paired bootstrap |", sep + "---|---|---|---|"]
-    for r in paired:
-        m = r.get("metric") or "accuracy"
-        t, b = _interval(m, r["t_low"], r["t_high"]), _interval(m, r["boot_low"], r["boot_high"])
-        lines.append(f"{lead(r)} {r['n']} | {_value(m, r['diff'], True)} | {t} | {b} |")
+    for title, diffs in (("plain KD", paired), ("the student without a teacher (policy none)", vs_baseline)):
+        if not diffs and title != "plain KD":
+            continue
+        lines += ["", f"### Difference to {title} at the same depth, chain and seed ({points}, 95% intervals)", "",
+                  head + f" n | Δ {label} | t interval | paired bootstrap |", sep + "---|---|---|---|"]
+        for r in diffs:
+            m = r.get("metric") or "accuracy"
+            t, b = _interval(m, r["t_low"], r["t_high"]), _interval(m, r["boot_low"], r["boot_high"])
+            lines.append(f"{lead(r)} {r['n']} | {_value(m, r['diff'], True)} | {t} | {b} |")
     return "\n".join(lines) + "\n"
 
 
@@ -534,7 +558,8 @@ def write_report(root: str | Path, rows: list[dict]) -> str | None:
     summ = summary(rows)
     paired = paired_vs_kd(root, rows)
     table = cross_task(rows)
-    text = (cross_task_markdown(table, paired) + "\n" if table else "") + summary_markdown(summ, paired)
+    text = ((cross_task_markdown(table, paired) + "\n" if table else "")
+            + summary_markdown(summ, paired, paired_vs_baseline(root, rows)))
     write_atomic(sweep.summary_file, text)
     plots = sweep.plots
     plots.mkdir(exist_ok=True)

@@ -370,7 +370,7 @@ class Distill(Stage):
     def execute(self, root, run, run_cfg, on_step):
         from .data import Dataset
         from .models import depth, load_classifier, load_pretrained, load_tokenizer, param_count
-        from .policies import make_policy
+        from .policies import POLICIES, make_policy
         from .sources import CachedLogits, FrozenModel, OnlineTutor, RefreshTutor, TutorMode
         from .step import Task
 
@@ -378,7 +378,9 @@ class Distill(Stage):
         tokenizer = load_tokenizer(str(self.teacher.path(root)))
         dataset = Dataset.build(self.data, tokenizer)
         student = self._build(root, tokenizer)
-        if self.teacher_cache is not None:
+        if not POLICIES[self.policy].needs_teacher:  # the baseline: the gold loss alone
+            teacher = None
+        elif self.teacher_cache is not None:
             teacher = CachedLogits(self.teacher_cache.load(root, dataset, run_cfg), device)
         else:
             teacher = FrozenModel(load_classifier(self.teacher.path(root)).to(device))
@@ -400,7 +402,8 @@ class Distill(Stage):
             trainer.reference = (teacher.model if isinstance(teacher, FrozenModel)
                                  else FrozenModel(load_classifier(self.teacher.path(root)).to(device)).model)
         result = trainer.fit()
-        result.update({"params": param_count(student), "layers": depth(student), "policy": self.policy, "targets": "cache" if self.teacher_cache else "live", "seed": self.seed,
+        result.update({"params": param_count(student), "layers": depth(student), "policy": self.policy,
+                       "targets": None if teacher is None else "cache" if self.teacher_cache else "live", "seed": self.seed,
                        "tutor_update": self.tutor_update, "iteration": self.iteration,
                        "data_fingerprints": dataset.fingerprints})
         return result

@@ -13,7 +13,7 @@ import pytest
 from hpc_kd.aggregate import collect
 from hpc_kd.config import GLUE_TASKS, ConfigError, DataConfig, ExperimentConfig, from_dict
 from hpc_kd.launch import main as launch
-from hpc_kd.policies import POLICIES
+from hpc_kd.policies import DISTILLING
 from hpc_kd.report import cross_task, paired_vs_kd
 
 from .conftest import glue_data, interrupt_and_resume, make_plan, run_plan, strip_times, tiny_config, write_yaml
@@ -166,7 +166,7 @@ def regression_root(tmp_path_factory):
     return tmp_path_factory.mktemp("regression_policies")
 
 
-@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("policy", DISTILLING)
 def test_every_policy_trains_a_regression(tiny_model, glue_files, regression_root, policy):
     """Every policy is defined for one output (teacher, tutor and cache shared between them)."""
     plan = make_plan(tiny_model, regression_root, data=glue_data(glue_files, "stsb"),

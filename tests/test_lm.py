@@ -13,7 +13,7 @@ from hpc_kd import losses
 from hpc_kd.config import ConfigError, DataConfig, ExperimentConfig, from_dict
 from hpc_kd.metrics import lm_metrics
 from hpc_kd.plan import experiment
-from hpc_kd.policies import POLICIES
+from hpc_kd.policies import DISTILLING
 
 from .conftest import interrupt_and_resume, make_plan, run_plan, strip_times
 
@@ -132,7 +132,7 @@ def lm_root(tmp_path_factory):
     return tmp_path_factory.mktemp("lm_policies")
 
 
-@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("policy", DISTILLING)
 def test_every_policy_distils_a_language_model(tiny_decoder, lm_root, policy):
     plan = make_plan(tiny_decoder, lm_root, **lm_sections(tiny_decoder, distill={"policy": policy},
                                                            student={"train": {"lr": 3e-3, "batch_size": 16, "epochs": 1}}))
@@ -246,7 +246,7 @@ def cached_lm_root(tmp_path_factory):
     return tmp_path_factory.mktemp("lm_cached_policies")
 
 
-@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("policy", DISTILLING)
 def test_every_policy_distils_a_language_model_from_a_sparse_cache(tiny_decoder, cached_lm_root, policy):
     plan = make_plan(tiny_decoder, cached_lm_root, **cached_sections(
         tiny_decoder, distill={"policy": policy}, student={"train": {"lr": 3e-3, "batch_size": 16, "epochs": 1}}))
@@ -254,6 +254,15 @@ def test_every_policy_distils_a_language_model_from_a_sparse_cache(tiny_decoder,
     assert np.isfinite(result["validation"]["token_nll"]) and result["targets"] == "cache"
     sel = result["selection"]
     assert sel["teacher_batches"] + sel["tutor_batches"] + sel["mixed_batches"] == result["steps"]
+
+
+def test_the_no_teacher_baseline_learns_the_next_tokens_alone(tiny_decoder, cached_lm_root):
+    plan = make_plan(tiny_decoder, cached_lm_root, **cached_sections(
+        tiny_decoder, distill={"policy": "none"}, student={"train": {"lr": 3e-3, "batch_size": 16, "epochs": 1}}))
+    assert [s.kind for s in plan.stages.values()] == ["finetune", "distill"]  # no cache, no tutor
+    result = run_plan(plan)[list(plan.stages)[-1]]
+    assert result["kind"] == "finetune" and "selection" not in result
+    assert result["validation"]["token_nll"] < result["initial_token_nll"]["validation"]
 
 
 # -- the embedded decoder -------------------------------------------------------------------------

@@ -15,8 +15,9 @@ def selection(loss_teacher, loss_tutor):
 
 def test_registry_names():
     assert list(POLICIES) == ["teacher", "tutor", "min_loss", "min_loss_sample", "normalized", "correct_first",
-                              "random", "anneal", "ensemble", "bandit"]
-    assert [name for name, p in POLICIES.items() if not p.needs_tutor] == ["teacher"]
+                              "random", "anneal", "ensemble", "bandit", "none"]
+    assert [name for name, p in POLICIES.items() if not p.needs_tutor] == ["teacher", "none"]
+    assert [name for name, p in POLICIES.items() if not p.needs_teacher] == ["none"]
     assert [name for name in POLICIES if make_policy(name).probe] == ["bandit"]
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from hpc_kd.aggregate import collect
 from hpc_kd.launch import main as launch
-from hpc_kd.report import paired_vs_kd, summary, write_report
+from hpc_kd.report import paired_vs_baseline, paired_vs_kd, summary, write_report
 from hpc_kd.rundir import RunDir
 
 from .conftest import tiny_config, write_yaml
@@ -16,7 +16,7 @@ from .conftest import tiny_config, write_yaml
 def sweep(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     data = tiny_config(tiny_model, root, student={"layers": [2], "train": {"lr": 1e-3, "batch_size": 16, "epochs": 1}},
-                       grid={"distill.policy": ["teacher", "min_loss"], "seed": [0, 1, 2]})
+                       grid={"distill.policy": ["teacher", "min_loss", "none"], "seed": [0, 1, 2]})
     assert launch([str(write_yaml(root / "s.yaml", data)), "--executor", "debug"]) == 0
     return root / "t"
 
@@ -24,7 +24,7 @@ def sweep(tiny_model, tmp_path_factory):
 def test_summary_over_seeds(sweep):
     rows = collect(sweep)
     students = [r for r in rows if r["role"] == "student"]
-    assert len(students) == 6
+    assert len(students) == 9
     summ = {r["policy"]: r for r in summary(rows)}
     kd = [r["test_acc"] for r in students if r["policy"] == "teacher"]  # the headline: test
     kd_val = [r["val_acc"] for r in students if r["policy"] == "teacher"]
@@ -37,7 +37,9 @@ def test_summary_over_seeds(sweep):
 
 def test_paired_difference_against_kd(sweep):
     rows = collect(sweep)
-    (row,) = paired_vs_kd(sweep, rows, n_boot=500)
+    against_kd = {r["policy"]: r for r in paired_vs_kd(sweep, rows, n_boot=500)}
+    assert sorted(against_kd) == ["min_loss", "none"]  # none: the student without a teacher
+    row = against_kd["min_loss"]
     by_seed = {(r["policy"], r["seed"]): r["test_acc"] for r in rows if r["role"] == "student"}
     diffs = [by_seed[("min_loss", s)] - by_seed[("teacher", s)] for s in range(3)]
     assert row["policy"] == "min_loss" and row["n"] == 3 and row["split"] == "test"
@@ -51,16 +53,27 @@ def test_paired_difference_against_kd(sweep):
         correct = RunDir(sweep / "runs" / any_run["run"]).result()[split]["correct"]
         assert np.mean(correct) == pytest.approx(any_run[column])
     # on validation when asked (a sweep with no labelled test split gets this by itself)
-    (val_row,) = paired_vs_kd(sweep, rows, n_boot=500, split="validation")
+    val_row = next(r for r in paired_vs_kd(sweep, rows, n_boot=500, split="validation") if r["policy"] == "min_loss")
     val_by_seed = {(r["policy"], r["seed"]): r["val_acc"] for r in rows if r["role"] == "student"}
     assert val_row["diff"] == pytest.approx(np.mean([val_by_seed[("min_loss", s)] - val_by_seed[("teacher", s)]
                                                      for s in range(3)]))
 
 
+def test_paired_difference_against_the_student_without_a_teacher(sweep):
+    rows = collect(sweep)
+    by_seed = {(r["policy"], r["seed"]): r["test_acc"] for r in rows if r["role"] == "student"}
+    diffs = {r["policy"]: r for r in paired_vs_baseline(sweep, rows, n_boot=200)}
+    assert sorted(diffs) == ["min_loss", "teacher"]
+    for policy, row in diffs.items():
+        assert row["n"] == 3 and row["diff"] == pytest.approx(np.mean([by_seed[(policy, s)] - by_seed[("none", s)]
+                                                                        for s in range(3)]))
+
+
 def test_report_files(sweep):
     rows = collect(sweep)
     text = write_report(sweep, rows)
-    assert "Difference to plain KD" in text and (sweep / "summary.md").read_text() == text
+    assert "Difference to plain KD" in text and "Difference to the student without a teacher" in text
+    assert (sweep / "summary.md").read_text() == text
     assert text.startswith("Headline numbers on the test split") and "| validation accuracy |" in text
     for name in ("accuracy_vs_depth.png", "teacher_share.png"):
         assert (sweep / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -180,6 +180,25 @@ def test_frozen_embeddings_stay_as_built_and_change_only_the_trained_stages_key(
     assert not torch.equal(trained[0][0], trained[-1][0])
 
 
+def test_the_no_teacher_baseline_is_plain_kd_at_alpha_zero_without_its_cache_or_tutor(tiny_model, tmp_path):
+    student = {"train": {"lr": 1e-3, "batch_size": 16, "epochs": 1}}
+    kd = make_plan(tiny_model, tmp_path, distill={"policy": "teacher", "alpha": 0.0}, student=student)
+    none = make_plan(tiny_model, tmp_path, distill={"policy": "none", "tau": 3.0}, student=student)
+    assert [s.kind for s in none.stages.values()] == ["finetune", "distill"]
+    assert list(none.stages)[0] == list(kd.stages)[0]
+    baseline = list(none.stages.values())[-1]
+    assert (baseline.teacher_cache, baseline.tutor, baseline.alpha, baseline.tau) == (None, None, 0.0, 1.0)
+    # tau, alpha and the divergence do not matter to it: one run serves every cell
+    assert list(make_plan(tiny_model, tmp_path, distill={"policy": "none"}, student=student).stages) == list(none.stages)
+    results = run_plan(kd)
+    ours = run_plan(none)[baseline.key]
+    theirs = results[list(kd.stages)[-1]]
+    assert ours["kind"] == "finetune" and "selection" not in ours and ours["targets"] is None
+    # the same gold loss on the same batches from the same start: the same student
+    assert ours["validation"]["pred"] == theirs["validation"]["pred"]
+    assert ours["test"]["macro_f1"] == pytest.approx(theirs["test"]["macro_f1"])
+
+
 def test_checkpoint_holds_no_pickled_objects(tiny_model, tmp_path):
     plan = make_plan(tiny_model, tmp_path)
     teacher = next(iter(plan.stages.values()))
