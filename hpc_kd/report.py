@@ -304,6 +304,9 @@ def summary_markdown(summ: list[dict], paired: list[dict], vs_baseline: list[dic
             m = r.get("metric") or "accuracy"
             t, b = _interval(m, r["t_low"], r["t_high"]), _interval(m, r["boot_low"], r["boot_high"])
             lines.append(f"{lead(r)} {r['n']} | {_value(m, r['diff'], True)} | {t} | {b} |")
+        if any(r["n"] == 1 for r in diffs):
+            lines += ["", "Rows with n = 1 rest on **one seed**: their bootstrap resamples that run's "
+                      f"{split} examples only, not the seed-to-seed spread, so no difference there is significant."]
     return "\n".join(lines) + "\n"
 
 

@@ -150,3 +150,13 @@ def test_students_of_two_architectures_at_one_depth_are_two_groups():
     assert "| depth | config | policy | tutor |" in text
     assert "| 6 | hidden_size=192, num_attention_heads=3 | min_loss | online |" in text
     assert "| 6 | – | teacher | – |" in text
+
+
+def test_a_difference_from_one_seed_is_said_to_rest_on_one_seed():
+    from hpc_kd.report import summary_markdown
+
+    row = {"depth": 4, "policy": "min_loss", "tutor_update": "frozen", "axes": [], "n": 1, "split": "test",
+           "metric": "token_nll", "diff": -0.05, "t_low": None, "t_high": None, "boot_low": -0.09, "boot_high": -0.01}
+    one = summary_markdown([], [row])
+    assert "rest on **one seed**" in one and "no difference there is significant" in one
+    assert "one seed" not in summary_markdown([], [{**row, "n": 3, "t_low": -0.1, "t_high": 0.0}])
