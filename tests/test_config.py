@@ -212,9 +212,7 @@ def test_the_committed_demo_run_is_still_found_by_this_code():
     assert sorted(load_plan(root / "jobs" / "demo.yaml").stages) == sorted(committed)
 
 
-# not results/lm_demo: its cache predates the compact log8 layout (issue 19), whose signature changed
-# every key after the teacher; it is to be re-run (issue 19, item 7)
-@pytest.mark.parametrize("name", ["study_rt", "chat_demo"])
+@pytest.mark.parametrize("name", ["study_rt", "chat_demo", "lm_demo"])
 def test_the_committed_studies_are_still_found_by_this_code(name):
     """The same for the other committed results: every stage of the committed sweep is planned with
     the same key by its job file (which may have grown, as study_rt did by four policies)."""
