@@ -11,8 +11,11 @@ sparse targets as hpc_kd computes it (:func:`hpc_kd.sparse.divergence`, i.e.
 :func:`hpc_kd.sparse.on_support` and autograd (a log-softmax, the rest of the mass by a masked
 logsumexp: how every other divergence is computed, and the KL was until issue 19); (iv) from the
 logits and their logsumexp, the rest by a min-scatter of -inf on the target ids; (v) the same with
-a plain scatter. Also prints the largest difference between (ii) and the others in loss and
-gradient: they compute the same numbers.
+a plain scatter; then a language model's whole default loss at α = 0.5, (vi) the KL and the
+cross-entropy computed apart (as hpc_kd did before issue 19's fused loss) and (vii) in one function,
+:func:`hpc_kd.sparse.kd_loss` (the passes over the vocabulary shared). Also prints the largest
+difference between (ii) and (iii)–(v), and between (vi) and (vii), in loss and gradient: they
+compute the same numbers.
 """
 from __future__ import annotations
 
@@ -79,8 +82,15 @@ def main(argv=None) -> int:
     def plain_scatter(z):
         return DIVERGENCES["kl"](_from_logits(z, targets, scatter_rest), targets.bins()).mean()
 
+    def apart(z):
+        return 0.5 * sparse.divergence("kl", z, targets).mean() + 0.5 * ce(z)
+
+    def fused(z):
+        return sparse.kd_loss(z, targets, labels, 1.0, 0.5).mean()
+
     modes = {"(i) cross-entropy": ce, "(ii) sparse KL (hpc_kd)": current, "(iii) sparse KL, autograd": autograd,
-             "(iv) sparse KL, logsumexp + min-scatter": min_scatter, "(v) sparse KL, logsumexp + scatter": plain_scatter}
+             "(iv) sparse KL, logsumexp + min-scatter": min_scatter, "(v) sparse KL, logsumexp + scatter": plain_scatter,
+             "(vi) α KL + (1 − α) CE, apart": apart, "(vii) α KL + (1 − α) CE, fused (hpc_kd)": fused}
     grads, values, times = {}, {}, {name: [] for name in modes}
     for r in range(args.rounds + 1):  # the first round warms up
         for name, fn in modes.items():
@@ -101,9 +111,13 @@ def main(argv=None) -> int:
         print(f"| {name} | {1000 * t:.1f} | {t / med['(i) cross-entropy']:.2f} |")
     a = "(ii) sparse KL (hpc_kd)"
     print(f"sparse KL / cross-entropy = {med[a] / med['(i) cross-entropy']:.2f}")
-    for b in list(modes)[2:]:
+    for b in list(modes)[2:5]:
         print(f"{b.split()[0]} against (ii): {med[b] / med[a]:.2f}x the time; loss |Δ| = {abs(values[a] - values[b]):.2e}, "
               f"gradient max |Δ| = {(grads[a] - grads[b]).abs().max().item():.2e}")
+    a, b = "(vi) α KL + (1 − α) CE, apart", "(vii) α KL + (1 − α) CE, fused (hpc_kd)"
+    print(f"the whole loss: fused / cross-entropy = {med[b] / med['(i) cross-entropy']:.2f}, apart / cross-entropy = "
+          f"{med[a] / med['(i) cross-entropy']:.2f}; (vii) against (vi): {med[b] / med[a]:.2f}x the time; "
+          f"loss |Δ| = {abs(values[a] - values[b]):.2e}, gradient max |Δ| = {(grads[a] - grads[b]).abs().max().item():.2e}")
     return 0
 
 

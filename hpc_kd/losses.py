@@ -154,6 +154,8 @@ def distillation_loss(
     carry no gradient. For regression (one output): ``α · (z_S − z_T)² + (1 − α) · (z_S − y)²``.
     ``term`` names any of :data:`DISTILL_TERMS` (``args``: its parameters, e.g. ``{"beta": 0.5}``).
     """
+    if isinstance(z_t, sparse.SparseTargets) and term == "kl":  # the default: the two terms in one pass
+        return token_mean(_sparse_per_token(term, z_s, z_t, y, tau, args, alpha), y[:, 1:] != -100)
     if isinstance(z_t, sparse.SparseTargets):  # a language model's sparse targets [B, T − 1, k]
         soft = token_mean(_sparse_per_token(term, z_s, z_t, y, tau, args), y[:, 1:] != -100)
     elif language_model(z_s):  # per token, then the mean over each sequence's predicted tokens
@@ -166,14 +168,20 @@ def distillation_loss(
     return alpha * soft + (1.0 - alpha) * gold_loss(z_s, y)
 
 
-def _sparse_per_token(term: str, z_s: torch.Tensor, targets, y: torch.Tensor, tau: float, args) -> torch.Tensor:
+def _sparse_per_token(term: str, z_s: torch.Tensor, targets, y: torch.Tensor, tau: float, args,
+                      alpha: float | None = None) -> torch.Tensor:
     """The divergence against sparse targets at the predicted (unpadded) tokens only, 0 elsewhere
-    (padding positions hold no distribution, and are never computed)."""
+    (padding positions hold no distribution, and are never computed). With ``alpha`` (the forward
+    KL only): the whole per-token loss, ``α`` times it plus ``1 − α`` times the next-token
+    cross-entropy (:func:`hpc_kd.sparse.kd_loss`)."""
     mask = y[:, 1:] != -100
     at = mask.nonzero(as_tuple=True)
     picked = sparse.SparseTargets(targets.ids[at], targets.log_probs[at], targets.tail[at])
     out = torch.zeros(mask.shape, dtype=torch.float32, device=z_s.device)
-    out[at] = sparse.divergence(term, z_s[:, :-1][at], picked, tau, **(args or {}))
+    if alpha is not None:
+        out[at] = sparse.kd_loss(z_s[:, :-1][at], picked, y[:, 1:][at], tau, alpha)
+    else:
+        out[at] = sparse.divergence(term, z_s[:, :-1][at], picked, tau, **(args or {}))
     return out
 
 

@@ -145,51 +145,95 @@ def forward_kl(student_logits: torch.Tensor, targets: SparseTargets, tau: float 
     written by hand (:class:`_ForwardKL`): the student's bins from its logits' logsumexp, and as
     the gradient with respect to its tempered logits ``q · P − t``, where ``q`` is its softmax,
     ``P`` the teacher's total mass on the bins (1 up to rounding), ``t_j = p_j`` on the target's
-    entries and ``p_tail · q_j / q_rest`` elsewhere. Three passes over the vocabulary where the
+    entries and ``p_tail · q_j / q_rest`` elsewhere. Two passes over the vocabulary where the
     autograd version made about eight (``benchmarks/sparse_loss.py``)."""
+    return _fused(student_logits, targets, tau, None, 1.0)
+
+
+def kd_loss(student_logits: torch.Tensor, targets: SparseTargets, gold: torch.Tensor, tau: float = 1.0,
+            alpha: float = 0.5) -> torch.Tensor:
+    """Per position, ``α · τ² · KL(teacher ‖ student) + (1 − α) · CE(student, gold)``: the default
+    distillation loss of a language model against sparse targets (:func:`forward_kl` and the
+    next-token cross-entropy at τ = 1) in one function, sharing the passes over the vocabulary
+    (at τ = 1 the softmax too): the cache's KD step then costs little more than the
+    cross-entropy alone (``benchmarks/lm_speed.py``)."""
+    return _fused(student_logits, targets, tau, gold, alpha)
+
+
+def _fused(student_logits, targets, tau, gold, alpha):
     shape = student_logits.shape[:-1]
     z = student_logits.reshape(-1, student_logits.shape[-1])
     k = targets.ids.shape[-1]
     ids, log_p, tail = targets.ids.reshape(-1, k), targets.log_probs.reshape(-1, k), targets.tail.reshape(-1)
-    return _ForwardKL.apply(z, ids, log_p, tail, tau).reshape(shape)
+    gold = None if gold is None else gold.reshape(-1)
+    return _ForwardKL.apply(z, ids, log_p, tail, tau, gold, alpha).reshape(shape)
+
+
+#: below this share of a row's mass on the target's entries, the rest is ``log1p(−share)`` away
+#: from the total (no cancellation); above it, it is summed over the other tokens
+_REST_BY_SUBTRACTION = 0.5
 
 
 class _ForwardKL(torch.autograd.Function):
-    """:func:`forward_kl` on [N, V] logits and [N, k] targets (the teacher's values carry no gradient)."""
+    """:func:`forward_kl` (``gold`` None, ``alpha`` 1) or :func:`kd_loss` on [N, V] logits, [N, k]
+    targets and [N] gold ids (the teacher's values carry no gradient).
+
+    The student's mass off the entries (``rest``) is its total times ``1 − Σ q`` over the entries,
+    where that sum is below one half; on the other rows (a student sure of the teacher's tokens,
+    or entries that cover the vocabulary) it is a logsumexp over the other tokens, which has no
+    cancellation: one pass over the vocabulary saved on most rows."""
 
     @staticmethod
-    def forward(ctx, z, ids, log_p, tail, tau):
+    def forward(ctx, z, ids, log_p, tail, tau, gold, alpha):
         zt = z.float() / tau if tau != 1.0 else z.float()
         valid = torch.isfinite(log_p)
         total = torch.logsumexp(zt, dim=-1)
         # the valid ids set to -inf; a padding entry points at its row's first valid id instead
         first = valid.to(torch.int8).argmax(-1, keepdim=True)
         cover = torch.where(valid, ids, ids.gather(-1, first))
-        rest = torch.logsumexp(zt.scatter(-1, cover, -torch.inf), dim=-1)  # log of the mass off the entries
         log_q = torch.where(valid, zt.gather(-1, ids) - total.unsqueeze(-1), torch.full_like(log_p, -torch.inf))
+        on_entries = log_q.exp().sum(-1)
+        rest = total + torch.log1p(-on_entries.clamp(max=_REST_BY_SUBTRACTION))  # log of the mass off the entries
+        exact = (on_entries >= _REST_BY_SUBTRACTION).nonzero(as_tuple=True)[0]
+        if len(exact):
+            rest[exact] = torch.logsumexp(zt[exact].scatter(-1, cover[exact], -torch.inf), dim=-1)
         log_q_tail = rest - total
         p, p_tail = log_p.exp(), tail.exp()
         loss = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
         loss = loss + torch.where(p_tail > 0, p_tail * (tail - log_q_tail), torch.zeros_like(p_tail))
-        ctx.save_for_backward(z, cover, first, p, p_tail, total, rest, valid)
-        ctx.tau = tau
-        return (tau * tau) * loss
+        loss = (alpha * tau * tau) * loss
+        total1 = None
+        if gold is not None:  # the cross-entropy at τ = 1 (the same total when τ is 1)
+            z1 = z.float()
+            total1 = total if tau == 1.0 else torch.logsumexp(z1, dim=-1)
+            loss = loss + (1.0 - alpha) * (total1 - z1.gather(-1, gold.unsqueeze(-1)).squeeze(-1))
+        ctx.save_for_backward(z, cover, first, p, p_tail, total, rest, valid, gold, total1)
+        ctx.tau, ctx.alpha = tau, alpha
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, cover, first, p, p_tail, total, rest, valid = ctx.saved_tensors
-        tau = ctx.tau
+        z, cover, first, p, p_tail, total, rest, valid, gold, total1 = ctx.saved_tensors
+        tau, alpha = ctx.tau, ctx.alpha
         zt = z.float() / tau if tau != 1.0 else z.float()
         q = (zt - total.unsqueeze(-1)).exp_()  # the student's softmax
         mass = p.sum(-1) + p_tail  # the teacher's, on the bins
-        # off the entries: q_j · P − p_tail · q_j / q_rest (no mass off them: nothing to share)
+        # off the entries: q_j · P − p_tail · q_j / q_rest (no mass off them: nothing to share),
+        # times α τ; at τ = 1 the cross-entropy's q_j − [j = gold] shares the softmax (its 1 − α)
+        a = alpha * tau
+        b = (1.0 - alpha) if gold is not None and tau == 1.0 else 0.0
         share = torch.where(p_tail > 0, p_tail * (total - rest).exp(), torch.zeros_like(p_tail))
-        grad = q.mul_((mass - share).unsqueeze(-1))
+        q_cover = (zt.gather(-1, cover) - total.unsqueeze(-1)).exp()
+        grad = q.mul_((a * (mass - share) + b).unsqueeze(-1))
         # on the entries: q_j · P − p_j (a padding entry repeats its row's first valid entry)
-        on = (zt.gather(-1, cover) - total.unsqueeze(-1)).exp() * mass.unsqueeze(-1) - torch.where(valid, p, p.gather(-1, first))
+        on = q_cover * (a * mass + b).unsqueeze(-1) - a * torch.where(valid, p, p.gather(-1, first))
         grad.scatter_(-1, cover, on)
-        grad.mul_((tau * grad_out).unsqueeze(-1))
-        return grad.to(z.dtype), None, None, None, None
+        if gold is not None:
+            if tau != 1.0:
+                grad.add_((z.float() - total1.unsqueeze(-1)).exp_(), alpha=1.0 - alpha)
+            grad.scatter_add_(-1, gold.unsqueeze(-1), torch.full_like(total, alpha - 1.0).unsqueeze(-1))
+        grad.mul_(grad_out.unsqueeze(-1))
+        return grad.to(z.dtype), None, None, None, None, None, None
 
 
 def project(logits: torch.Tensor, targets: SparseTargets, tau: float = 1.0) -> SparseTargets:

@@ -184,6 +184,52 @@ def test_the_fused_forward_kl_is_the_autograd_one(kind, tau):
     assert sparse.divergence("kl", b.detach(), t, tau).equal(fused.detach())
 
 
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+@pytest.mark.parametrize("sure", [False, True])
+@pytest.mark.parametrize("kind", ["top_k", "sampled"])
+def test_the_fused_kd_loss_is_the_kl_plus_the_cross_entropy(kind, sure, tau):
+    """sparse.kd_loss (one function for both terms of a language model's default loss) against
+    α · forward_kl + (1 − α) · cross-entropy, in value and gradient: with a student that puts
+    little of its mass on the teacher's entries (its rest by subtraction) and one sure of them
+    (its rest summed over the other tokens), with padding entries (sampled), at τ = 1 (one
+    softmax shared) and 2."""
+    gen = torch.Generator().manual_seed(5)
+    z_t = torch.randn(2, 5, 40, generator=gen) * 3
+    t = sparse.top_k(z_t, 6, tau) if kind == "top_k" else sparse.sampled(z_t, 12, tau, torch.Generator().manual_seed(6))
+    z_s = torch.randn(2, 5, 40, generator=gen) * 2
+    if sure:  # most of the student's (tempered) mass on the teacher's entries
+        z_s = z_s.scatter_add(-1, t.ids, torch.where(t.valid, torch.full(t.ids.shape, 12.0 * tau), torch.zeros(t.ids.shape)))
+    q = torch.softmax(z_s / tau, -1)
+    on_entries = torch.zeros_like(q).scatter(-1, t.ids, 1.0).mul(q).sum(-1)
+    assert bool((on_entries > 0.5).all()) if sure else bool((on_entries < 0.5).all())
+    gold = torch.randint(0, 40, (2, 5), generator=gen)
+    a = z_s.clone().requires_grad_(True)
+    b = z_s.clone().requires_grad_(True)
+    weights = torch.rand(2, 5, generator=gen)
+    alpha = 0.3
+    reference = alpha * (tau * tau) * divergences.DIVERGENCES["kl"](sparse.on_support(a, t, tau), t.bins()) \
+        + (1 - alpha) * torch.nn.functional.cross_entropy(a.reshape(-1, 40), gold.reshape(-1), reduction="none").view(2, 5)
+    fused = sparse.kd_loss(b, t, gold, tau, alpha)
+    (reference * weights).sum().backward()
+    (fused * weights).sum().backward()
+    assert torch.allclose(fused, reference, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(b.grad, a.grad, atol=1e-6)
+    assert torch.allclose(sparse.kd_loss(b.detach(), t, gold, tau, 1.0), sparse.forward_kl(b.detach(), t, tau))
+
+
+def test_a_language_models_default_loss_is_alpha_kl_plus_one_minus_alpha_ce():
+    """losses.distillation_loss on sparse targets with the forward KL (fused) gives, per sequence,
+    what the two terms give apart, and ignores padded positions."""
+    gen = torch.Generator().manual_seed(7)
+    z_s, z_t = torch.randn(3, 6, 40, generator=gen), torch.randn(3, 6, 40, generator=gen) * 3
+    y = torch.randint(0, 40, (3, 6), generator=gen)
+    y[0, 4:] = -100
+    targets = sparse.top_k(z_t[:, :-1], 6)
+    fused = losses.distillation_loss(z_s, targets, y, 1.0, 0.4)
+    soft = losses.token_mean(losses._sparse_per_token("kl", z_s, targets, y, 1.0, None), y[:, 1:] != -100)
+    assert torch.allclose(fused, 0.4 * soft + 0.6 * losses.gold_loss(z_s, y), atol=1e-6)
+
+
 # -- what a TEID decision compares against a sparse teacher (sparse.tail_kl, step._decision_losses) --
 
 @pytest.mark.parametrize("tau", [1.0, 2.0])
