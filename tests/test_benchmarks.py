@@ -90,7 +90,8 @@ def test_sparse_loss_benchmark_runs_and_its_variants_agree():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split("|")[1].strip() for line in out.stdout.splitlines() if line.startswith("| (")]
     assert rows == ["(i) cross-entropy", "(ii) sparse KL (hpc_kd)", "(iii) sparse KL, autograd",
-                    "(iv) sparse KL, logsumexp + min-scatter", "(v) sparse KL, logsumexp + scatter"]
-    deltas = [float(x) for line in out.stdout.splitlines() if "against (ii)" in line
+                    "(iv) sparse KL, logsumexp + min-scatter", "(v) sparse KL, logsumexp + scatter",
+                    "(vi) α KL + (1 − α) CE, apart", "(vii) α KL + (1 − α) CE, fused (hpc_kd)"]
+    deltas = [float(x) for line in out.stdout.splitlines() if "against (ii)" in line or "against (vi)" in line
               for x in (line.split("loss |Δ| = ")[1].split(",")[0], line.split("gradient max |Δ| = ")[1])]
-    assert len(deltas) == 6 and max(deltas) < 1e-4
+    assert len(deltas) == 8 and max(deltas) < 1e-4
