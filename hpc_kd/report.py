@@ -106,6 +106,8 @@ def summary(rows: list[dict], split: str | None = None) -> list[dict]:
     for row in rows:
         if row["role"] == "student":  # one run may serve several cells (plain KD: every tutor mode)
             groups[_group_key(row)][row["run"]] = row
+    # a group none of whose runs has finished has no metric of its own: its task's
+    task_metric = {r.get("task"): r["metric"] for r in rows if r.get("metric")}
     out = []
     for key, by_run in groups.items():
         members = list(by_run.values())
@@ -116,7 +118,8 @@ def summary(rows: list[dict], split: str | None = None) -> list[dict]:
         val = np.array([m["val_score"] for m in done], dtype=float)
         shares = [m["teacher_share"] for m in done if m["teacher_share"] is not None]
         out.append({**dict(key), "axes": _axes(key), "n": len(done), "of": len(members), "split": split,
-                    "metric": next((m["metric"] for m in members if m.get("metric")), "accuracy"),
+                    "metric": next((m["metric"] for m in members if m.get("metric")),
+                                   task_metric.get(members[0].get("task"), "accuracy")),
                     "score_mean": float(score.mean()) if len(score) else None,
                     "score_std": float(score.std(ddof=1)) if len(score) > 1 else None,
                     "f1_mean": float(f1.mean()) if len(f1) else None,
@@ -289,7 +292,8 @@ def summary_markdown(summ: list[dict], paired: list[dict], vs_baseline: list[dic
         f1 = (f" {_pct(r['f1_mean'])} ± {_pct(r['f1_std'])} |" if r["f1_mean"] is not None else " – |") if with_f1 else ""
         f1 += (f" {_pct(r['choice_mean'])} ± {_pct(r['choice_std'])} |" if r.get("choice_mean") is not None
                else " – |") if with_choice else ""
-        val = f" {_value(m, r['val_mean'])} ± {_spread(m, r['val_std'])} |" if split == "test" else ""
+        val = ((f" {_value(m, r['val_mean'])} ± {_spread(m, r['val_std'])} |" if r["val_mean"] is not None else " – |")
+               if split == "test" else "")
         share = f"{r['teacher_share']:.3f}" if r["teacher_share"] is not None else "–"
         coll = f"**{r['collapsed']}/{r['n']}**" if r["collapsed"] else f"0/{r['n']}"
         n = f"{r['n']}" + (f" (of {r['of']})" if r["of"] != r["n"] else "")

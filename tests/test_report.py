@@ -160,3 +160,22 @@ def test_a_difference_from_one_seed_is_said_to_rest_on_one_seed():
     one = summary_markdown([], [row])
     assert "rest on **one seed**" in one and "no difference there is significant" in one
     assert "one seed" not in summary_markdown([], [{**row, "n": 3, "t_low": -0.1, "t_high": 0.0}])
+
+
+def test_a_language_models_summary_says_token_nll_while_a_group_has_not_finished():
+    from hpc_kd.report import summary, summary_markdown
+
+    rows = [{"role": "teacher", "run": "t", "state": "done", "metric": "token_nll"}]
+    for i, (policy, state) in enumerate((("teacher", "done"), ("min_loss", "pending"))):
+        rows.append({"role": "student", "run": f"r{i}", "state": state, "depth": 4, "policy": policy, "seed": 0,
+                     "tutor_update": None if policy == "teacher" else "online", "test_score": None,
+                     "metric": "token_nll" if state == "done" else None, "val_score": -6.5 if state == "done" else None,
+                     "teacher_share": 1.0 if state == "done" else None, "collapsed": False})
+    summ = summary(rows, split="validation")
+    assert [r["metric"] for r in summ] == ["token_nll", "token_nll"]
+    text = summary_markdown(summ, [])
+    assert "Validation token NLL over seeds (mean ± std; lower is better)" in text
+    assert "| 4 | min_loss | online | 0 (of 1) | – |" in text
+    for r in rows:  # and on test, the validation column of the empty group says nothing
+        r["test_score"] = r.get("val_score")
+    assert "| 4 | min_loss | online | 0 (of 1) | – | – | – | 0/0 |" in summary_markdown(summary(rows, split="test"), [])
