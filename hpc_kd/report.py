@@ -478,7 +478,9 @@ def _panels(plt, n: int):
 
 def _save_panels(plt, fig, axes, ylabel: str, path: Path) -> None:
     axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=8)
+    for ax in axes[0]:  # each panel names its own lines
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -488,12 +490,12 @@ def plot_accuracy_vs_depth(summ: list[dict], path: Path) -> None:
     plt = _plt()
     modes = sorted({r.get("tutor_update") for r in summ if r.get("tutor_update")}) or [None]
     fig, axes = _panels(plt, len(modes))
+    # one line per policy (and per iteration, when chains have several: another iteration's
+    # student of the same depth is another model), in one colour in every panel
+    series = sorted({(r["policy"], r.get("iteration") or 1) for r in summ})
+    chained = any(it > 1 for _, it in series)
     for ax, mode in zip(axes[0], modes):
-        # one line per policy (and per iteration, when chains have several: another iteration's
-        # student of the same depth is another model)
-        series = sorted({(r["policy"], r.get("iteration") or 1) for r in summ})
-        chained = any(it > 1 for _, it in series)
-        for policy, iteration in series:
+        for n, (policy, iteration) in enumerate(series):
             pts = sorted((r["depth"], r["score_mean"], r["score_std"] or 0.0) for r in summ
                          if r["policy"] == policy and (r.get("iteration") or 1) == iteration
                          and r["score_mean"] is not None and (r.get("tutor_update") in (mode, None)))
@@ -502,7 +504,7 @@ def plot_accuracy_vs_depth(summ: list[dict], path: Path) -> None:
                 scale = -1 if summ[0].get("metric") == "token_nll" else 100  # NLL itself, else percent
                 ax.errorbar(d, np.array(m) * scale, yerr=np.array(s) * abs(scale), marker="o", capsize=3,
                             label=f"{policy} (iteration {iteration})" if chained else policy,
-                            linestyle="--" if policy == "teacher" else "-")
+                            linestyle="--" if policy == "teacher" else "-", color=f"C{n % 10}")
         ax.set_title(f"tutor: {mode}" if mode else "students")
         ax.set_xticks(sorted({r["depth"] for r in summ if r.get("depth") is not None}))
         ax.set_xlabel("student depth (layers)")

@@ -212,7 +212,7 @@ def test_the_committed_demo_run_is_still_found_by_this_code():
     assert sorted(load_plan(root / "jobs" / "demo.yaml").stages) == sorted(committed)
 
 
-@pytest.mark.parametrize("name", ["study_rt", "chat_demo", "lm_demo"])
+@pytest.mark.parametrize("name", ["study_rt", "chat_demo", "lm_demo", "study_lm"])
 def test_the_committed_studies_are_still_found_by_this_code(name):
     """The same for the other committed results: every stage of the committed sweep is planned with
     the same key by its job file (which may have grown, as study_rt did by four policies)."""
