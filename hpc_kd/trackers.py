@@ -156,6 +156,18 @@ class Tracker(Protocol):
 # -- TensorBoard --------------------------------------------------------------------------------
 
 
+def after_existing_event_files(folder: Path) -> None:
+    """Wait (at most a second) until a new event file in ``folder`` would sort after the ones there.
+    TensorBoard reads a folder's files in name order, ``events.out.tfevents.<second>.<host>.<pid>…``;
+    a resumed writer's purge of the discarded steps applies only to events read before it. So if
+    the killed process wrote in this same second, the pids would decide the order, as strings, and
+    the killed one's last steps could be read after the purge and kept."""
+    seconds = [int(parts[3]) for p in folder.glob("events.out.tfevents.*")
+               if len(parts := p.name.split(".")) > 3 and parts[3].isdigit()]
+    while seconds and int(time.time()) <= max(seconds):
+        time.sleep(0.05)
+
+
 class TensorBoard:
     """Event files in ``<sweep>/tensorboard/<stage>/``, flushed after every record so that a killed
     job loses none; a resume purges the discarded steps (``purge_step``) and writes them again."""
@@ -170,6 +182,8 @@ class TensorBoard:
 
     def _open(self, purge_step: int | None = None) -> bool:
         fresh = not any(self.folder.glob("events.out.tfevents.*"))
+        if not fresh:
+            after_existing_event_files(self.folder)
         self.writer = self._writer_class(str(self.folder), purge_step=None if fresh else purge_step, flush_secs=30)
         if fresh:
             table = "\n".join(f"| {k} | {json.dumps(v)} |" for k, v in self.info.header.items())

@@ -377,3 +377,20 @@ def test_a_job_killed_outright_resumes_with_no_step_twice(sweeps, tiny_model, tm
     for name, series in expected.items():
         assert set((row["_step"], row[name]) for row in rows if name in row) <= set(series), name
     assert [row["_step"] for row in sessions[-1]["history"]] == [12]
+
+
+def test_a_resumed_tensorboard_file_sorts_after_the_killed_ones(tmp_path):
+    """TensorBoard applies a purge only to the files it read before: a resumed writer's file must
+    sort after a file the killed process wrote in the same second, whatever the two pids."""
+    import time
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from hpc_kd.trackers import after_existing_event_files
+
+    killed = tmp_path / f"events.out.tfevents.{int(time.time()) + 1}.vm.99999.0"  # this second or the next
+    killed.write_bytes(b"")
+    after_existing_event_files(tmp_path)
+    writer = SummaryWriter(str(tmp_path), filename_suffix=".resumed")
+    writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir())[-1].endswith(".resumed")
