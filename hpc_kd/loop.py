@@ -448,13 +448,6 @@ class Trainer:
         if self.run.tutor.exists():
             tutor = load_classifier(self.run.tutor).to(self.device)
             result["tutor_validation"] = self._evaluate(tutor, "validation")
-        if self.data.encoded["train"].lm and self.task.teacher is None:  # the floor, beside the teacher's row
-            from .metrics import learnt_tokens, unigram_nll
-
-            vocab = int(best.get_output_embeddings().out_features)
-            seen = learnt_tokens(self.data.encoded["train"])
-            result["unigram"] = {split: unigram_nll(seen, learnt_tokens(self.data.encoded[split]), vocab)
-                                 for split in self.data.reported}
         if self.data.encoded["train"].lm:  # for people to read, and the degenerate flag's repetition criterion
             from .metrics import repetition, with_repetition
             from .models import PROMPTS, greedy_ids

@@ -154,9 +154,9 @@ def distillation_loss(
     carry no gradient. For regression (one output): ``α · (z_S − z_T)² + (1 − α) · (z_S − y)²``.
     ``term`` names any of :data:`DISTILL_TERMS` (``args``: its parameters, e.g. ``{"beta": 0.5}``).
     """
-    if isinstance(z_t, sparse.SparseTargets) and term == "kl":  # the default: the two terms in one pass
-        return token_mean(_sparse_per_token(term, z_s, z_t, y, tau, args, alpha), y[:, 1:] != -100)
     if isinstance(z_t, sparse.SparseTargets):  # a language model's sparse targets [B, T − 1, k]
+        if term == "kl":  # the default: the two terms in one pass over the vocabulary
+            return token_mean(_sparse_per_token(term, z_s, z_t, y, tau, args, alpha), y[:, 1:] != -100)
         soft = token_mean(_sparse_per_token(term, z_s, z_t, y, tau, args), y[:, 1:] != -100)
     elif language_model(z_s):  # per token, then the mean over each sequence's predicted tokens
         per_token = DISTILL_TERMS[term](z_s[:, :-1], z_t[:, :-1].detach(), tau, **(args or {}))

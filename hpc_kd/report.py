@@ -159,7 +159,7 @@ def paired_vs_baseline(root: Path, rows: list[dict], n_boot: int = 4000, seed: i
 
 
 def paired_differences(root: Path, rows: list[dict], reference, n_boot: int = 4000, seed: int = 0,
-           split: str | None = None) -> list[dict]:
+                       split: str | None = None) -> list[dict]:
     """Differences in the task's score on ``split`` (default: the headline split) of every other
     student against the students for which ``reference(row)`` holds, paired by task, depth,
     iteration, chain, other axes and seed."""

@@ -38,10 +38,10 @@ def _without_execution(settings: dict) -> dict:
     out of the signature, except a precision other than fp32 (which changes the numbers). Its
     keys added later are left out at their default (:data:`LATER_TRAIN_KEYS`)."""
     for key in ("train", "tutor_train"):
-        train = settings.get(key)
-        if isinstance(train, dict):
-            settings[key] = train = _later_dropped(train, LATER_TRAIN_KEYS)
-        if isinstance(train, dict) and "deepspeed" in train:
+        if not isinstance(settings.get(key), dict):
+            continue
+        settings[key] = train = _later_dropped(settings[key], LATER_TRAIN_KEYS)
+        if "deepspeed" in train:
             ds = train.pop("deepspeed")
             if ds and ds["precision"] != "fp32":
                 train["precision"] = ds["precision"]
@@ -200,6 +200,13 @@ class FineTune(Stage):
         result = trainer.fit()
         result.update({"params": param_count(model), "data_fingerprints": dataset.fingerprints})
         result["layers"] = depth(model)
+        if self.data.lm:  # the floor any language model must beat, shown under the teacher's row
+            from .metrics import learnt_tokens, unigram_nll
+
+            vocab = int(model.get_output_embeddings().out_features)
+            seen = learnt_tokens(dataset.encoded["train"])
+            result["unigram"] = {split: unigram_nll(seen, learnt_tokens(dataset.encoded[split]), vocab)
+                                 for split in dataset.reported}
         return result
 
 

@@ -156,15 +156,17 @@ class Tracker(Protocol):
 # -- TensorBoard --------------------------------------------------------------------------------
 
 
-def after_existing_event_files(folder: Path) -> None:
-    """Wait (at most a second) until a new event file in ``folder`` would sort after the ones there.
+def after_existing_event_files(folder: Path, limit_s: float = 2.0) -> None:
+    """Wait (at most ``limit_s``: a file stamped further ahead is another clock's, not this
+    second's) until a new event file in ``folder`` would sort after the ones there.
     TensorBoard reads a folder's files in name order, ``events.out.tfevents.<second>.<host>.<pid>…``;
     a resumed writer's purge of the discarded steps applies only to events read before it. So if
     the killed process wrote in this same second, the pids would decide the order, as strings, and
     the killed one's last steps could be read after the purge and kept."""
     seconds = [int(parts[3]) for p in folder.glob("events.out.tfevents.*")
                if len(parts := p.name.split(".")) > 3 and parts[3].isdigit()]
-    while seconds and int(time.time()) <= max(seconds):
+    deadline = time.time() + limit_s
+    while seconds and int(time.time()) <= max(seconds) and time.time() < deadline:
         time.sleep(0.05)
 
 

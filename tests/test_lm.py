@@ -261,7 +261,7 @@ def test_the_no_teacher_baseline_learns_the_next_tokens_alone(tiny_decoder, cach
         tiny_decoder, distill={"policy": "none"}, student={"train": {"lr": 3e-3, "batch_size": 16, "epochs": 1}}))
     assert [s.kind for s in plan.stages.values()] == ["finetune", "distill"]  # no cache, no tutor
     result = run_plan(plan)[list(plan.stages)[-1]]
-    assert result["kind"] == "finetune" and "selection" not in result
+    assert result["kind"] == "finetune" and "selection" not in result and "unigram" not in result  # the teacher's
     assert result["validation"]["token_nll"] < result["initial_token_nll"]["validation"]
 
 
